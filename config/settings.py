@@ -1,0 +1,213 @@
+"""The settings model of ichnode: one TOML file, overridable by ``ICHNODE_*`` variables.
+
+Every key is validated at start-up; an error names the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_TOML = Path(__file__).with_name("default.toml")
+
+# DICOM PS3.5 6.2: AE titles are 1-16 characters of the default character
+# repertoire without backslash or control characters; leading/trailing spaces
+# are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """A configuration that ichnode refuses to start with; the message names the key."""
+
+
+def validate_ae_title(value: str) -> str:
+    """Return the AE title stripped of padding, or raise ``ValueError``."""
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(stripped):
+        raise ValueError(
+            f"{value!r} is not a valid AE title (1-16 characters, no backslash or control characters)"
+        )
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeSettings(_Section):
+    ae_title: str = "ICHNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    accept_any_caller: bool = False
+    max_associations: int = Field(16, ge=1, le=1024)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, value: list[str]) -> list[str]:
+        return [validate_ae_title(v) for v in value]
+
+    @property
+    def host_is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class StorageSettings(_Section):
+    root: Path = Path("ichnode-data")
+    database_url: str = ""
+    min_free_disk_mb: int = Field(2048, ge=0)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.root / 'index.sqlite'}"
+
+
+class SchedulerSettings(_Section):
+    series_quiet_seconds: float = Field(5.0, gt=0)
+
+
+class InferenceSettings(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    weights: str = ""
+    workers: int = Field(1, ge=1, le=64)
+
+
+class DestinationSettings(_Section):
+    name: str = Field(min_length=1)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one ichnode node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ICHNODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _open_host_needs_allow_list(self) -> Settings:
+        node = self.node
+        if (
+            not node.host_is_loopback
+            and not node.allowed_calling_aets
+            and not node.accept_any_caller
+        ):
+            raise ValueError(
+                f"node.host = {node.host!r} listens beyond loopback with an empty "
+                "node.allowed_calling_aets; list the callers, or set node.accept_any_caller = true"
+            )
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destinations: name {dupes[0]!r} is used twice")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file (passed as init values by load_settings).
+        return (env_settings, init_settings)
+
+
+# ICHNODE_* variables that are switches of the test suite, not settings.
+_NOT_SETTINGS = {"require_interop"}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _unknown_env_keys() -> list[str]:
+    """``ICHNODE_*`` variables that name no setting (pydantic-settings would ignore them)."""
+    sections: dict[str, type[BaseModel] | None] = {}
+    for name, info in Settings.model_fields.items():
+        ann = info.annotation
+        sections[name] = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    bad = []
+    for var in os.environ:
+        if not var.upper().startswith("ICHNODE_"):
+            continue
+        rest = var[len("ICHNODE_") :].lower()
+        if rest in _NOT_SETTINGS:
+            continue
+        section, _, key = rest.partition("__")
+        if section not in sections:
+            bad.append(var)
+            continue
+        model = sections[section]
+        if model is not None and key and key.split("__")[0] not in model.model_fields:
+            bad.append(var)
+    return bad
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"invalid configuration ({source}): " + "; ".join(parts)
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Load the settings from ``path`` (or the embedded defaults) and the environment.
+
+    Raises
+    ------
+    ConfigError
+        With a one-line message naming the offending key.
+    """
+    source = str(path) if path else "embedded defaults"
+    data = _read_toml(Path(path)) if path else _read_toml(DEFAULT_TOML)
+    bad_env = _unknown_env_keys()
+    if bad_env:
+        raise ConfigError(f"invalid configuration (environment): unknown key {bad_env[0]}")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None

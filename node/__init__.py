@@ -1,0 +1,2 @@
+"""ichnode's PACS-facing service: the SCP, scheduler, workers, DICOM result objects,
+sender, command line and metrics."""

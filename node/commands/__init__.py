@@ -1,0 +1,1 @@
+"""Implementations of the ichnode sub-commands, one module each."""

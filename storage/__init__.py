@@ -1,0 +1,1 @@
+"""ichnode storage: the file archive and the SQLAlchemy index, with Alembic migrations."""

@@ -1,0 +1,1 @@
+"""ichnode's Streamlit web interface."""
