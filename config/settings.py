@@ -90,6 +90,74 @@ class InferenceSettings(_Section):
     workers: int = Field(1, ge=1, le=64)
 
 
+def _compile_patterns(value: list[str]) -> list[str]:
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+    return value
+
+
+class RoutingSettings(_Section):
+    """Which received series are analysed; the rest are indexed and marked ``skipped``."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    min_slices: int = Field(1, ge=1)
+    exclude_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
+    body_part_include: list[str] = Field(default_factory=list)
+    body_part_exclude: list[str] = Field(default_factory=list)
+    study_description_include: list[str] = Field(default_factory=list)
+    study_description_exclude: list[str] = Field(default_factory=list)
+    series_description_include: list[str] = Field(default_factory=list)
+    series_description_exclude: list[str] = Field(default_factory=list)
+
+    @field_validator(
+        "body_part_include",
+        "body_part_exclude",
+        "study_description_include",
+        "study_description_exclude",
+        "series_description_include",
+        "series_description_exclude",
+    )
+    @classmethod
+    def _regex(cls, value: list[str]) -> list[str]:
+        return _compile_patterns(value)
+
+
+class JobSettings(_Section):
+    """Analysis jobs: retries and how a job of a dead worker is recognised."""
+
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_backoff_seconds: float = Field(10.0, gt=0)
+    heartbeat_seconds: float = Field(2.0, gt=0)
+    stale_after_seconds: float = Field(30.0, gt=0)
+
+
+class DeliverySettings(_Section):
+    """The outbox: exponential backoff between tries, then ``dead`` after ``max_age_hours``."""
+
+    backoff_initial_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(900.0, gt=0)
+    max_age_hours: float = Field(24.0, gt=0)
+    return_to_sender: bool = False
+    timeout_seconds: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> DeliverySettings:
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise ValueError("backoff_max_seconds must not be below backoff_initial_seconds")
+        return self
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint; ``port = 0`` or ``enabled = false`` turns it off."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9112, ge=0, le=65535)
+
+
 class DestinationSettings(_Section):
     name: str = Field(min_length=1)
     ae_title: str
@@ -114,6 +182,10 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _open_host_needs_allow_list(self) -> Settings:
