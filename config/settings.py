@@ -219,7 +219,7 @@ class Settings(BaseSettings):
 
 
 # ICHNODE_* variables that are switches of the test suite, not settings.
-_NOT_SETTINGS = {"require_interop"}
+_NOT_SETTINGS = {"require_interop", "ui_config", "update_screenshots"}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
