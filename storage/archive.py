@@ -1,0 +1,187 @@
+"""The file archive: one DICOM Part 10 file per received instance.
+
+Files live at ``<root>/dicom/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+and hold the dataset bytes exactly as they arrived (transfer syntax preserved)
+behind a File Meta Information header. A file is written to a temporary name in
+its final folder, fsynced, renamed over the final name and the folder fsynced,
+so after :meth:`Archive.store` returns the file survives a crash or power loss,
+and a reader never sees a half-written file. Storing the same SOP Instance UID
+again replaces the file atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+
+logger = logging.getLogger(__name__)
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+# DICOM UIDs are digits and dots; tolerate the letters some old devices use,
+# but never anything that could step out of the archive (slashes, "..").
+_SAFE_UID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+
+
+class ArchiveError(Exception):
+    """The archive cannot store an instance (bad UID for a path, I/O failure)."""
+
+
+class UnsafeUIDError(ArchiveError, ValueError):
+    """A UID that cannot be used as a file or folder name."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where an instance was stored and how large its file is."""
+
+    path: Path
+    size: int
+
+
+def check_uid(value: str, name: str) -> str:
+    """Return ``value`` when it can name a file or folder, else raise :class:`UnsafeUIDError`."""
+    if not _SAFE_UID.match(value) or ".." in value:
+        raise UnsafeUIDError(f"{name} {value!r} is not a usable UID")
+    return value
+
+
+def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
+    """Return the encoded File Meta Information group, group length included."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Archive:
+    """The folder tree of received instances under ``<root>/dicom``.
+
+    Parameters
+    ----------
+    root : Path
+        The storage root (``storage.root``); the archive uses ``root / "dicom"``.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.dicom_root = self.root / "dicom"
+        self.dicom_root.mkdir(parents=True, exist_ok=True)
+        # Folders already known to exist and be durable (their parent fsynced).
+        self._known_dirs: set[Path] = set()
+
+    def path_for(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+    ) -> Path:
+        """Return the final path of an instance (UIDs are checked)."""
+        return (
+            self.dicom_root
+            / check_uid(study_instance_uid, "StudyInstanceUID")
+            / check_uid(series_instance_uid, "SeriesInstanceUID")
+            / f"{check_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        )
+
+    def free_bytes(self) -> int:
+        """Return the free space, in bytes, of the file system holding the archive."""
+        return shutil.disk_usage(self.dicom_root).free
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        missing: list[Path] = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                pass  # another association created it at the same moment
+            # The new entry must be durable in its parent before files inside count.
+            _fsync_dir(path.parent)
+        self._known_dirs.add(folder)
+
+    def store(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        file_meta: FileMetaDataset,
+        dataset_bytes: bytes,
+    ) -> StoredFile:
+        """Write one instance durably and return where it is.
+
+        Parameters
+        ----------
+        study_instance_uid, series_instance_uid, sop_instance_uid : str
+            The UIDs that name the folders and the file.
+        file_meta : pydicom.dataset.FileMetaDataset
+            File Meta Information (Transfer Syntax UID must say how
+            ``dataset_bytes`` are encoded).
+        dataset_bytes : bytes
+            The encoded dataset exactly as received.
+
+        Raises
+        ------
+        UnsafeUIDError
+            When a UID cannot name a file or folder.
+        ArchiveError
+            When the file cannot be written (the temporary file is removed).
+        """
+        final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid)
+        header = PREAMBLE + encode_file_meta(file_meta)
+        folder = final.parent
+        try:
+            self._ensure_dir(folder)
+            fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise ArchiveError(f"cannot create a file in {folder}: {exc}") from exc
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(header)
+                fh.write(dataset_bytes)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ArchiveError(f"cannot write {final}: {exc}") from exc
+        return StoredFile(path=final, size=len(header) + len(dataset_bytes))
+
+    def remove(self, path: Path | str) -> None:
+        """Remove a file of the archive (e.g. the old copy of a re-sent instance)."""
+        target = Path(path)
+        if self.dicom_root not in target.parents:
+            raise ArchiveError(f"{target} is not inside the archive {self.dicom_root}")
+        target.unlink(missing_ok=True)
+
+    def cleanup_incoming(self) -> int:
+        """Remove temporary files left by a crash mid-write; return how many."""
+        count = 0
+        for tmp in self.dicom_root.rglob(".incoming-*.tmp"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        if count:
+            logger.info("removed %d partial files left by an earlier stop", count)
+        return count

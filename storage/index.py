@@ -1,0 +1,712 @@
+"""The index of ichnode: a typed repository API over the SQLAlchemy models.
+
+``Index(url)`` owns one engine and one sessionmaker for the life of the
+process (never one per C-STORE). Other packages import it:
+
+>>> index = Index("sqlite:///ichnode-data/index.sqlite")
+>>> index.upgrade()                      # Alembic, to the newest revision
+>>> with index.session() as session:     # commits on success, rolls back on error
+...     ...
+
+SQLite settings and why
+-----------------------
+Every connection gets ``journal_mode=WAL`` (readers never block the writer),
+``busy_timeout`` (other processes such as the UI wait instead of failing),
+``foreign_keys=ON`` and ``synchronous`` from ``storage.sqlite_synchronous``.
+The default is ``FULL``: each commit fsyncs the WAL, so a C-STORE success
+(sent after the commit) survives a power loss, like the archive file that was
+fsynced before it. ``NORMAL`` skips that fsync; commits still survive a crash
+or SIGKILL of the process (the WAL is written before COMMIT returns), only the
+last commits may be lost on power loss. Write sessions start with
+``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade; in-process
+writers are also serialised by a lock, so threads queue in Python rather than
+spin on ``SQLITE_BUSY``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from storage.models import (
+    AssociationOutcome,
+    AssociationRecord,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Patient,
+    Result,
+    Series,
+    SeriesStatus,
+    Study,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
+
+
+class MissingAttributeError(ValueError):
+    """An instance lacks an attribute the index needs (a UID)."""
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the index keeps of one instance, taken from its header.
+
+    Only the three UIDs, the SOP Class UID and the transfer syntax are required;
+    every other attribute may be empty.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part_examined: str = ""
+    instance_number: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "sop_instance_uid",
+            "sop_class_uid",
+            "transfer_syntax_uid",
+            "study_instance_uid",
+            "series_instance_uid",
+        ):
+            if not getattr(self, name):
+                raise MissingAttributeError(f"{name} is missing or empty")
+
+    @classmethod
+    def from_dataset(
+        cls, ds: Any, *, sop_class_uid: str = "", transfer_syntax_uid: str
+    ) -> InstanceMeta:
+        """Build from a pydicom dataset (only the header is read).
+
+        Parameters
+        ----------
+        ds : pydicom.dataset.Dataset
+            The received dataset.
+        sop_class_uid : str
+            Fallback when the dataset has no SOP Class UID.
+        transfer_syntax_uid : str
+            The transfer syntax the dataset arrived in.
+
+        Raises
+        ------
+        MissingAttributeError
+            When a required UID is missing or empty.
+        """
+
+        def text(keyword: str, limit: int = 64) -> str:
+            value = ds.get(keyword, "")
+            return "" if value is None else str(value).strip()[:limit]
+
+        def integer(keyword: str) -> int | None:
+            value = ds.get(keyword)
+            try:
+                return int(value) if value not in (None, "") else None
+            except (TypeError, ValueError):
+                return None
+
+        return cls(
+            sop_instance_uid=text("SOPInstanceUID"),
+            sop_class_uid=text("SOPClassUID") or sop_class_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            study_instance_uid=text("StudyInstanceUID"),
+            series_instance_uid=text("SeriesInstanceUID"),
+            patient_id=text("PatientID"),
+            issuer_of_patient_id=text("IssuerOfPatientID"),
+            patient_name=text("PatientName", 324),
+            patient_birth_date=text("PatientBirthDate", 8),
+            patient_sex=text("PatientSex", 16),
+            study_date=text("StudyDate", 8),
+            study_time=text("StudyTime", 16),
+            study_description=text("StudyDescription"),
+            accession_number=text("AccessionNumber", 16),
+            study_id=text("StudyID", 16),
+            modality=text("Modality", 16),
+            series_number=integer("SeriesNumber"),
+            series_description=text("SeriesDescription"),
+            body_part_examined=text("BodyPartExamined", 16),
+            instance_number=integer("InstanceNumber"),
+        )
+
+
+@dataclass(frozen=True)
+class RecordedInstance:
+    """The outcome of :meth:`Index.record_instance`.
+
+    ``previous_path`` is the file of an earlier copy when a re-send moved the
+    instance to a different path (the caller may delete it), else ``None``.
+    """
+
+    instance_id: int
+    series_id: int
+    study_id: int
+    resent: bool
+    previous_path: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One series as ``ichnode studies`` shows it."""
+
+    series_instance_uid: str
+    modality: str
+    series_description: str
+    instances: int
+    status: str
+    reason: str | None
+    hemorrhage: bool | None
+    deliveries: dict[str, str] = field(default_factory=dict)
+    series_id: int = 0
+    series_number: int | None = None
+    last_instance_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """One study with its series, as ``ichnode studies`` shows it."""
+
+    study_instance_uid: str
+    patient_id: str
+    study_date: str
+    study_description: str
+    series: list[SeriesSummary]
+    patient_name: str = ""
+    accession_number: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the document of DESIGN.md (``ichnode studies --json``), one study."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "patient_id": self.patient_id,
+            "study_date": self.study_date,
+            "study_description": self.study_description,
+            "series": [
+                {
+                    "series_instance_uid": s.series_instance_uid,
+                    "modality": s.modality,
+                    "series_description": s.series_description,
+                    "instances": s.instances,
+                    "status": s.status,
+                    "reason": s.reason,
+                    "hemorrhage": s.hemorrhage,
+                    "deliveries": dict(s.deliveries),
+                }
+                for s in self.series
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class InstanceFile:
+    """One stored instance of a series: where its file is."""
+
+    sop_instance_uid: str
+    instance_number: int | None
+    path: str
+    transfer_syntax_uid: str
+    size: int
+
+
+def _sqlite_pragmas(synchronous: Synchronous, busy_timeout_ms: int) -> Any:
+    def on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN, so we choose its kind.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def _sqlite_begin(conn: Any) -> None:
+    mode = conn.get_execution_options().get("ichnode_begin", "IMMEDIATE")
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+
+
+def _aggregate_delivery(states: list[str]) -> str:
+    for state in (DeliveryState.DEAD, DeliveryState.PENDING):
+        if state.value in states:
+            return state.value
+    return DeliveryState.SENT.value
+
+
+class Index:
+    """The index database: engine, sessions, migrations and the repository API.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL, e.g. ``sqlite:///ichnode-data/index.sqlite``.
+    sqlite_synchronous : {"FULL", "NORMAL", "EXTRA"}
+        ``PRAGMA synchronous`` for SQLite (see the module docstring).
+    busy_timeout_ms : int
+        How long a SQLite connection waits for a lock held by another process.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: Synchronous = "FULL",
+        busy_timeout_ms: int = 30_000,
+    ) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            database = parsed.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(
+                self.engine, "connect", _sqlite_pragmas(sqlite_synchronous, busy_timeout_ms)
+            )
+            event.listen(self.engine, "begin", _sqlite_begin)
+        self._read_engine = self.engine.execution_options(ichnode_begin="DEFERRED")
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._write_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _alembic_config(self) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Create or upgrade the schema with the Alembic migrations."""
+        cfg = self._alembic_config()
+        with self._write_lock, self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+        logger.info("index schema at revision %s (%s)", self.current_revision(), self._safe_url())
+
+    def current_revision(self) -> str | None:
+        """Return the Alembic revision the database is at (``None`` when empty)."""
+        with self._read_engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        """Return the newest revision the shipped migrations know."""
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def _safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """Yield a session in a transaction: committed on success, rolled back on error.
+
+        Parameters
+        ----------
+        readonly : bool
+            Start with a plain (deferred) BEGIN and skip the in-process write
+            lock; use it for queries that write nothing (UI, CLI listings).
+        """
+        if readonly:
+            with self._read_sessions() as session, session.begin():
+                yield session
+            return
+        with self._write_lock, self._sessions() as session, session.begin():
+            yield session
+
+    # -- associations --------------------------------------------------------
+
+    def open_association(
+        self,
+        calling_ae: str,
+        called_ae: str,
+        peer_address: str = "",
+        peer_port: int | None = None,
+        *,
+        started_at: dt.datetime | None = None,
+    ) -> int:
+        """Record an accepted association; return its audit id."""
+        with self.session() as session:
+            return int(
+                session.execute(
+                    insert(AssociationRecord)
+                    .values(
+                        calling_ae=calling_ae,
+                        called_ae=called_ae,
+                        peer_address=peer_address,
+                        peer_port=peer_port,
+                        started_at=started_at or utcnow(),
+                        instances=0,
+                        failures=0,
+                        outcome=AssociationOutcome.OPEN,
+                    )
+                    .returning(AssociationRecord.id)
+                ).scalar_one()
+            )
+
+    def close_association(
+        self,
+        association_id: int,
+        outcome: AssociationOutcome | str,
+        *,
+        instances: int,
+        failures: int = 0,
+        detail: str | None = None,
+        ended_at: dt.datetime | None = None,
+    ) -> None:
+        """Record how and when an association ended and what it carried."""
+        with self.session() as session:
+            session.execute(
+                update(AssociationRecord)
+                .where(AssociationRecord.id == association_id)
+                .values(
+                    outcome=AssociationOutcome(outcome),
+                    instances=instances,
+                    failures=failures,
+                    detail=detail,
+                    ended_at=ended_at or utcnow(),
+                )
+            )
+
+    def record_rejected_association(
+        self,
+        calling_ae: str,
+        called_ae: str,
+        peer_address: str,
+        peer_port: int | None,
+        detail: str,
+    ) -> int:
+        """Record an association the node rejected; return its audit id."""
+        now = utcnow()
+        with self.session() as session:
+            return int(
+                session.execute(
+                    insert(AssociationRecord)
+                    .values(
+                        calling_ae=calling_ae,
+                        called_ae=called_ae,
+                        peer_address=peer_address,
+                        peer_port=peer_port,
+                        started_at=now,
+                        ended_at=now,
+                        instances=0,
+                        failures=0,
+                        outcome=AssociationOutcome.REJECTED,
+                        detail=detail,
+                    )
+                    .returning(AssociationRecord.id)
+                ).scalar_one()
+            )
+
+    def mark_interrupted_associations(self) -> int:
+        """Close audit rows left ``open`` by an earlier stop; return how many."""
+        with self.session() as session:
+            result = session.execute(
+                update(AssociationRecord)
+                .where(AssociationRecord.outcome == AssociationOutcome.OPEN)
+                .values(outcome=AssociationOutcome.INTERRUPTED, ended_at=utcnow())
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def associations(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Return the newest association audit rows as plain dicts."""
+        with self.session(readonly=True) as session:
+            rows = session.scalars(
+                select(AssociationRecord).order_by(AssociationRecord.id.desc()).limit(limit)
+            ).all()
+            return [
+                {
+                    "id": r.id,
+                    "calling_ae": r.calling_ae,
+                    "called_ae": r.called_ae,
+                    "peer_address": r.peer_address,
+                    "peer_port": r.peer_port,
+                    "started_at": r.started_at,
+                    "ended_at": r.ended_at,
+                    "instances": r.instances,
+                    "failures": r.failures,
+                    "outcome": r.outcome.value,
+                    "detail": r.detail,
+                }
+                for r in rows
+            ]
+
+    # -- instances -----------------------------------------------------------
+
+    def record_instance(
+        self,
+        meta: InstanceMeta,
+        *,
+        path: str | Path,
+        size: int,
+        calling_ae: str = "",
+        association_id: int | None = None,
+        received_at: dt.datetime | None = None,
+    ) -> RecordedInstance:
+        """Index one stored instance (insert, or record a re-send) and commit.
+
+        The patient, study and series rows are created on first sight. A SOP
+        Instance UID seen before keeps its row: its path, size, transfer
+        syntax and sender are updated and ``resend_count``/``last_resent_at``
+        record the re-send. ``series.last_instance_at`` is set either way.
+        """
+        now = received_at or utcnow()
+        with self.session() as session:
+            series_id, study_id = self._series_for(session, meta, now)
+            existing = session.execute(
+                select(Instance.id, Instance.path).where(
+                    Instance.sop_instance_uid == meta.sop_instance_uid
+                )
+            ).first()
+            values = {
+                "series_id": series_id,
+                "sop_class_uid": meta.sop_class_uid,
+                "transfer_syntax_uid": meta.transfer_syntax_uid,
+                "instance_number": meta.instance_number,
+                "path": str(path),
+                "size": int(size),
+                "calling_ae": calling_ae,
+                "association_id": association_id,
+            }
+            if existing is None:
+                instance_id = session.execute(
+                    insert(Instance)
+                    .values(
+                        sop_instance_uid=meta.sop_instance_uid,
+                        received_at=now,
+                        resend_count=0,
+                        **values,
+                    )
+                    .returning(Instance.id)
+                ).scalar_one()
+                return RecordedInstance(int(instance_id), series_id, study_id, resent=False)
+            session.execute(
+                update(Instance)
+                .where(Instance.id == existing.id)
+                .values(
+                    resend_count=Instance.resend_count + 1,
+                    last_resent_at=now,
+                    **values,
+                )
+            )
+            previous = existing.path if existing.path != str(path) else None
+            return RecordedInstance(int(existing.id), series_id, study_id, True, previous)
+
+    def _series_for(
+        self, session: Session, meta: InstanceMeta, now: dt.datetime
+    ) -> tuple[int, int]:
+        row = session.execute(
+            select(Series.id, Series.study_pk).where(
+                Series.series_instance_uid == meta.series_instance_uid
+            )
+        ).first()
+        if row is not None:
+            session.execute(update(Series).where(Series.id == row.id).values(last_instance_at=now))
+            return int(row.id), int(row.study_pk)
+        study_pk = session.execute(
+            select(Study.id).where(Study.study_instance_uid == meta.study_instance_uid)
+        ).scalar_one_or_none()
+        if study_pk is None:
+            patient_pk = session.execute(
+                select(Patient.id).where(
+                    Patient.patient_id == meta.patient_id,
+                    Patient.issuer_of_patient_id == meta.issuer_of_patient_id,
+                )
+            ).scalar_one_or_none()
+            if patient_pk is None:
+                patient_pk = session.execute(
+                    insert(Patient)
+                    .values(
+                        patient_id=meta.patient_id,
+                        issuer_of_patient_id=meta.issuer_of_patient_id,
+                        patient_name=meta.patient_name,
+                        patient_birth_date=meta.patient_birth_date,
+                        patient_sex=meta.patient_sex,
+                        created_at=now,
+                    )
+                    .returning(Patient.id)
+                ).scalar_one()
+            study_pk = session.execute(
+                insert(Study)
+                .values(
+                    study_instance_uid=meta.study_instance_uid,
+                    patient_pk=patient_pk,
+                    study_date=meta.study_date,
+                    study_time=meta.study_time,
+                    study_description=meta.study_description,
+                    accession_number=meta.accession_number,
+                    study_id=meta.study_id,
+                    created_at=now,
+                )
+                .returning(Study.id)
+            ).scalar_one()
+        series_id = session.execute(
+            insert(Series)
+            .values(
+                series_instance_uid=meta.series_instance_uid,
+                study_pk=study_pk,
+                modality=meta.modality,
+                series_number=meta.series_number,
+                series_description=meta.series_description,
+                body_part_examined=meta.body_part_examined,
+                status=SeriesStatus.RECEIVING,
+                last_instance_at=now,
+                created_at=now,
+            )
+            .returning(Series.id)
+        ).scalar_one()
+        return int(series_id), int(study_pk)
+
+    def instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        """Return one instance row as a plain dict, or ``None``."""
+        with self.session(readonly=True) as session:
+            row = session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+            if row is None:
+                return None
+            return {
+                "id": row.id,
+                "sop_instance_uid": row.sop_instance_uid,
+                "series_id": row.series_id,
+                "sop_class_uid": row.sop_class_uid,
+                "transfer_syntax_uid": row.transfer_syntax_uid,
+                "instance_number": row.instance_number,
+                "path": row.path,
+                "size": row.size,
+                "received_at": row.received_at,
+                "calling_ae": row.calling_ae,
+                "association_id": row.association_id,
+                "resend_count": row.resend_count,
+                "last_resent_at": row.last_resent_at,
+            }
+
+    def count_instances(self) -> int:
+        """Return how many instances the index holds."""
+        with self.session(readonly=True) as session:
+            return int(session.execute(select(func.count(Instance.id))).scalar_one())
+
+    def series_files(self, series_instance_uid: str) -> list[InstanceFile]:
+        """Return the stored files of a series, by Instance Number then SOP Instance UID."""
+        with self.session(readonly=True) as session:
+            rows = session.execute(
+                select(
+                    Instance.sop_instance_uid,
+                    Instance.instance_number,
+                    Instance.path,
+                    Instance.transfer_syntax_uid,
+                    Instance.size,
+                )
+                .join(Series, Series.id == Instance.series_id)
+                .where(Series.series_instance_uid == series_instance_uid)
+                .order_by(Instance.instance_number, Instance.sop_instance_uid)
+            ).all()
+            return [InstanceFile(*row) for row in rows]
+
+    # -- listings ------------------------------------------------------------
+
+    def list_studies(self) -> list[StudySummary]:
+        """Return every study with its series, instance counts, status and deliveries."""
+        with self.session(readonly=True) as session:
+            counts = dict(
+                session.execute(
+                    select(Instance.series_id, func.count(Instance.id)).group_by(Instance.series_id)
+                ).all()
+            )
+            delivery_states: dict[int, dict[str, list[str]]] = {}
+            for series_id, destination, state in session.execute(
+                select(Result.series_id, Delivery.destination, Delivery.state)
+                .join(Delivery, Delivery.result_id == Result.id)
+                .where(Result.superseded.is_(False))
+            ):
+                per = delivery_states.setdefault(series_id, {})
+                per.setdefault(destination, []).append(DeliveryState(state).value)
+            series_by_study: dict[int, list[SeriesSummary]] = {}
+            for s in session.scalars(select(Series).order_by(Series.series_number, Series.id)):
+                series_by_study.setdefault(s.study_pk, []).append(
+                    SeriesSummary(
+                        series_instance_uid=s.series_instance_uid,
+                        modality=s.modality,
+                        series_description=s.series_description,
+                        instances=int(counts.get(s.id, 0)),
+                        status=SeriesStatus(s.status).value,
+                        reason=s.reason,
+                        hemorrhage=s.hemorrhage,
+                        deliveries={
+                            dest: _aggregate_delivery(states)
+                            for dest, states in sorted(delivery_states.get(s.id, {}).items())
+                        },
+                        series_id=s.id,
+                        series_number=s.series_number,
+                        last_instance_at=s.last_instance_at,
+                    )
+                )
+            studies = session.execute(
+                select(Study, Patient)
+                .join(Patient, Patient.id == Study.patient_pk)
+                .order_by(Study.study_date.desc(), Study.id)
+            ).all()
+            return [
+                StudySummary(
+                    study_instance_uid=study.study_instance_uid,
+                    patient_id=patient.patient_id,
+                    study_date=study.study_date,
+                    study_description=study.study_description,
+                    series=series_by_study.get(study.id, []),
+                    patient_name=patient.patient_name,
+                    accession_number=study.accession_number,
+                )
+                for study, patient in studies
+            ]
+
+    def studies_document(self) -> dict[str, Any]:
+        """Return ``{"studies": [...]}`` exactly as ``ichnode studies --json`` prints it."""
+        return {"studies": [study.to_json() for study in self.list_studies()]}
+
+
+def summary_as_dict(summary: StudySummary) -> dict[str, Any]:
+    """Return every field of a study summary as plain data (datetimes left as objects)."""
+    return asdict(summary)

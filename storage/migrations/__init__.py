@@ -1,0 +1,1 @@
+"""Alembic migrations of the ichnode index (run programmatically by ``storage.index``)."""
