@@ -1,0 +1,738 @@
+"""The DICOM result objects of one analysed series: SEG, TID 1500 SR and SC key images.
+
+This module owns how :class:`inference.findings.SeriesFindings` become DICOM:
+the codes (SNOMED CT, DICOM, UCUM), the new series each object goes into, what
+is copied from the source headers (sanitised first, so our objects stay valid
+when the scanner's are not), and how the node recognises its own output so it
+never analyses it. SEG and SR are built only through highdicom.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    generate_uid,
+)
+
+from config import ICHNODE_VERSION
+from inference.findings import SUBTYPES, SeriesFindings
+from node import drawing
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "ichnode"
+SEG_SERIES_DESCRIPTION = "ICH AI SEG"
+SR_SERIES_DESCRIPTION = "ICH AI REPORT"
+SC_SERIES_DESCRIPTION = "ICH AI KEY IMAGES"
+OUR_SERIES_DESCRIPTIONS = frozenset(
+    {SEG_SERIES_DESCRIPTION, SR_SERIES_DESCRIPTION, SC_SERIES_DESCRIPTION}
+)
+DISCLAIMER = "AI result, not for diagnosis"
+
+# SOP classes ichnode writes (Comprehensive SR too, should a later version use it).
+OUR_SOP_CLASSES = frozenset(
+    {
+        SegmentationStorage,
+        Comprehensive3DSRStorage,
+        ComprehensiveSRStorage,
+        SecondaryCaptureImageStorage,
+    }
+)
+
+# The same UID for the device observer in every report, derived from its name.
+DEVICE_OBSERVER_UID = generate_uid(entropy_srcs=["ichnode device observer"])
+
+# SNOMED CT concepts of the five subtypes (pydicom's code dictionary lacks them).
+# Sources, checked 2026-11-26 (see the report of issue 4 for the search trail):
+#  274100004 "Cerebral hemorrhage (disorder)": tecnomod-um/SK-FHIR-IG
+#    input/pagecontent/valuesets-StrokeDiagnosisVS.md (SNOMED CT codes for stroke
+#    diagnoses), forithmus/MR-RATE pathologies_snomed_map.json ("Intracerebral
+#    hemorrhage" -> 274100004), opencodelists neuro code list.
+#  274110009 "Intraventricular hemorrhage (disorder)": tecnomod-um stroke registry
+#    code enum (same code set as SK-FHIR-IG); one source only. NB 230706003 is
+#    "Hemorrhagic cerebral infarction", not intraventricular hemorrhage.
+#  21454007 "Subarachnoid intracranial hemorrhage (disorder)": SK-FHIR-IG
+#    StrokeDiagnosisVS.
+#  35486000 "Subdural intracranial hemorrhage (disorder)": forithmus/MR-RATE
+#    pathologies_snomed_map.json.
+#  68752002 "Extradural hemorrhage (disorder)": NOT confirmed by a source found
+#    here; to be checked in the SNOMED CT browser before clinical use.
+SUBTYPE_CODES: dict[str, hd.sr.CodedConcept] = {
+    "intraparenchymal": hd.sr.CodedConcept("274100004", "SCT", "Cerebral hemorrhage"),
+    "intraventricular": hd.sr.CodedConcept("274110009", "SCT", "Intraventricular hemorrhage"),
+    "subarachnoid": hd.sr.CodedConcept(
+        "21454007", "SCT", "Subarachnoid intracranial hemorrhage"
+    ),
+    "subdural": hd.sr.CodedConcept("35486000", "SCT", "Subdural intracranial hemorrhage"),
+    "epidural": hd.sr.CodedConcept("68752002", "SCT", "Extradural hemorrhage"),
+}
+MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+
+_SEX = {"M", "F", "O"}
+_DA = re.compile(r"\d{8}")
+_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?")
+_AS = re.compile(r"\d{3}[DWMY]")
+
+
+class ResultsError(ValueError):
+    """Findings and source datasets that cannot be turned into result objects."""
+
+
+# ----------------------------------------------------------------------------
+# recognising our own output
+# ----------------------------------------------------------------------------
+
+
+def is_ichnode_output(ds: Dataset) -> bool:
+    """True when ``ds`` was written by ichnode (so the node never analyses it).
+
+    Manufacturer "ichnode", or one of the SOP classes ichnode writes together
+    with one of its series descriptions.
+    """
+    manufacturer = str(ds.get("Manufacturer", "") or "").strip()
+    if manufacturer.lower() == MANUFACTURER:
+        return True
+    sop_class_uid = str(ds.get("SOPClassUID", "") or "")
+    description = str(ds.get("SeriesDescription", "") or "").strip()
+    return sop_class_uid in OUR_SOP_CLASSES and description in OUR_SERIES_DESCRIPTIONS
+
+
+# ----------------------------------------------------------------------------
+# sanitising what we copy from the source
+# ----------------------------------------------------------------------------
+
+
+def _first(value: object) -> object:
+    if isinstance(value, MultiValue | list | tuple):
+        return value[0] if len(value) else ""
+    return value
+
+
+def _clean_text(value: object, max_len: int) -> str:
+    """A single-valued string without control characters or backslash, cut to ``max_len``."""
+    text = "" if value is None else str(_first(value))
+    text = "".join(ch for ch in text if ch.isprintable() and ch != "\\")
+    return text.strip()[:max_len].strip()
+
+
+def _clean_person_name(value: object) -> str:
+    """The alphabetic group of a PN, at most 5 components and 64 characters."""
+    text = _clean_text(value, 1024).split("=")[0]
+    components = [c.strip() for c in text.split("^")][:5]
+    while components and not components[-1]:
+        components.pop()
+    name = "^".join(components)[:64]
+    if name and "^" not in name:
+        # A lone component is the family name; the caret says so (PS3.5 6.2.1.2).
+        name = name[:63] + "^"
+    return name
+
+
+def _clean_date(value: object) -> str:
+    text = _clean_text(value, 32)
+    if not _DA.fullmatch(text):
+        return ""
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return ""
+    return text
+
+
+def _clean_time(value: object) -> str:
+    text = _clean_text(value, 32)
+    match = _TM.fullmatch(text)
+    if match is None:
+        return ""
+    hours = int(match.group(1))
+    minutes = int(match.group(2) or 0)
+    seconds = int(match.group(3) or 0)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return ""
+    return text
+
+
+def _positive_floats(value: object, count: int) -> list[float] | None:
+    try:
+        numbers = [float(v) for v in value]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != count or not all(np.isfinite(numbers)):
+        return None
+    return numbers
+
+
+def sanitized_header(ds: Dataset) -> Dataset:
+    """The attributes highdicom copies from a source image, with values made valid.
+
+    Patient and study attributes keep their value when it is valid for its VR
+    and become empty (Type 2) otherwise; geometry and identifiers are copied as
+    they are (they must be right for the SEG to reference the image at all).
+    Pixel data and private tags are left behind.
+    """
+    out = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value:
+            raise ResultsError(f"source image lacks {keyword}")
+        setattr(out, keyword, value)
+    out.Modality = _clean_text(ds.get("Modality", ""), 16) or "OT"
+    out.PatientName = _clean_person_name(ds.get("PatientName", ""))
+    out.PatientID = _clean_text(ds.get("PatientID", ""), 64)
+    out.PatientBirthDate = _clean_date(ds.get("PatientBirthDate", ""))
+    sex = _clean_text(ds.get("PatientSex", ""), 16).upper()
+    out.PatientSex = sex if sex in _SEX else ""
+    out.StudyDate = _clean_date(ds.get("StudyDate", ""))
+    out.StudyTime = _clean_time(ds.get("StudyTime", ""))
+    out.AccessionNumber = _clean_text(ds.get("AccessionNumber", ""), 16)
+    out.StudyID = _clean_text(ds.get("StudyID", ""), 16)
+    out.ReferringPhysicianName = _clean_person_name(ds.get("ReferringPhysicianName", ""))
+    out.StudyDescription = _clean_text(ds.get("StudyDescription", ""), 64)
+    age = _clean_text(ds.get("PatientAge", ""), 4)
+    if _AS.fullmatch(age):
+        out.PatientAge = age
+    for keyword in ("SeriesNumber", "InstanceNumber"):
+        try:
+            number = int(float(str(_first(ds.get(keyword, "")))))
+        except ValueError:
+            continue
+        if -(2**31) <= number < 2**31:
+            setattr(out, keyword, number)
+    if "FrameOfReferenceUID" in ds and str(ds.FrameOfReferenceUID).strip():
+        out.FrameOfReferenceUID = str(ds.FrameOfReferenceUID).strip()
+    out.Rows = int(ds.get("Rows", 0) or 0)
+    out.Columns = int(ds.get("Columns", 0) or 0)
+    spacing = _positive_floats(ds.get("PixelSpacing"), 2)
+    if spacing is not None and min(spacing) > 0:
+        out.PixelSpacing = spacing
+    orientation = _positive_floats(ds.get("ImageOrientationPatient"), 6)
+    if orientation is not None:
+        out.ImageOrientationPatient = orientation
+    position = _positive_floats(ds.get("ImagePositionPatient"), 3)
+    if position is not None:
+        out.ImagePositionPatient = position
+    thickness = _positive_floats([_first(ds.get("SliceThickness", ""))], 1)
+    if thickness is not None and thickness[0] > 0:
+        out.SliceThickness = thickness[0]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# helpers shared by the three objects
+# ----------------------------------------------------------------------------
+
+
+def _series_numbers(header: Dataset) -> tuple[int, int, int]:
+    """Distinct series numbers for SEG, SR and SC derived from the source's."""
+    source = int(header.get("SeriesNumber", 0) or 0)
+    if 0 < source < 20_000_000:
+        base = source * 100 + 90
+    else:
+        base = 9990
+    return base + 1, base + 2, base + 3
+
+
+def _software_versions(findings: SeriesFindings) -> list[str]:
+    model = f"{findings.model_name} {findings.model_version or 'unversioned'}"
+    return [f"ichnode {ICHNODE_VERSION}"[:64], model[:64]]
+
+
+def _model_version(findings: SeriesFindings) -> str:
+    version = findings.model_version or "unversioned"
+    if findings.weights_sha256:
+        version = f"{version} sha256:{findings.weights_sha256[:16]}"
+    return version[:64]
+
+
+def _algorithm_identification(findings: SeriesFindings) -> hd.AlgorithmIdentificationSequence:
+    parameters = {"weights_sha256": findings.weights_sha256 or "unknown"}
+    for name, value in sorted(findings.thresholds.items()):
+        parameters[f"threshold_{name}"] = f"{float(value):.4f}"
+    return hd.AlgorithmIdentificationSequence(
+        name=findings.model_name[:64],
+        family=codes.DCM.ArtificialIntelligence,
+        version=_model_version(findings),
+        source=MANUFACTURER,
+        parameters=parameters,
+    )
+
+
+def _sr_algorithm(findings: SeriesFindings) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=findings.model_name[:64],
+        version=_model_version(findings),
+        parameters=[f"weights_sha256={findings.weights_sha256 or 'unknown'}"],
+    )
+
+
+def _common_kwargs(findings: SeriesFindings, now: datetime.datetime) -> dict[str, object]:
+    return {
+        "manufacturer_model_name": "ichnode",
+        "software_versions": _software_versions(findings),
+        "content_date": now.date(),
+        "content_time": now.time().replace(microsecond=0),
+        "series_date": now.date(),
+        "series_time": now.time().replace(microsecond=0),
+        "specific_character_set": "ISO_IR 192",
+    }
+
+
+def _check_inputs(findings: SeriesFindings, headers: Sequence[Dataset]) -> None:
+    if not headers:
+        raise ResultsError("no source images")
+    uids = [h.SOPInstanceUID for h in headers]
+    if list(findings.sop_instance_uids) != uids:
+        raise ResultsError(
+            "findings.sop_instance_uids do not match the source datasets (order or content)"
+        )
+    expected = (len(SUBTYPES), len(headers), int(headers[0].Rows), int(headers[0].Columns))
+    if tuple(findings.masks.shape) != expected:
+        raise ResultsError(f"masks have shape {findings.masks.shape}, expected {expected}")
+    if findings.gradcam is not None and tuple(findings.gradcam.shape) != expected[1:]:
+        raise ResultsError(
+            f"gradcam has shape {findings.gradcam.shape}, expected {expected[1:]}"
+        )
+    series = {h.SeriesInstanceUID for h in headers}
+    studies = {h.StudyInstanceUID for h in headers}
+    if len(series) != 1 or len(studies) != 1:
+        raise ResultsError("source datasets come from more than one series")
+    for name in SUBTYPES:
+        if name not in findings.subtypes:
+            raise ResultsError(f"findings lack subtype {name!r}")
+
+
+def segmented_subtypes(findings: SeriesFindings) -> list[str]:
+    """Subtypes found with a non-empty mask: one SEG segment each, in SUBTYPES order."""
+    return [
+        name
+        for index, name in enumerate(SUBTYPES)
+        if findings.subtypes[name].present and bool(np.any(findings.masks[index]))
+    ]
+
+
+# ----------------------------------------------------------------------------
+# SEG
+# ----------------------------------------------------------------------------
+
+
+def build_segmentation(
+    findings: SeriesFindings,
+    headers: Sequence[Dataset],
+    *,
+    series_number: int,
+    now: datetime.datetime,
+) -> hd.seg.Segmentation | None:
+    """One BINARY SEG with a segment per subtype found; None when nothing is found."""
+    names = segmented_subtypes(findings)
+    if not names:
+        return None
+    algorithm = _algorithm_identification(findings)
+    descriptions = []
+    for number, name in enumerate(names, start=1):
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=f"{name} hemorrhage",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=SUBTYPE_CODES[name],
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=hd.UID(),
+                tracking_id=f"ichnode {name} hemorrhage",
+                anatomic_regions=[codes.SCT.Brain],
+            )
+        )
+    indices = [SUBTYPES.index(name) for name in names]
+    pixel_array = np.moveaxis(np.asarray(findings.masks[indices], dtype=bool), 0, -1)
+    seg = hd.seg.Segmentation(
+        source_images=list(headers),
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        device_serial_number="ichnode",
+        content_description="Intracranial hemorrhage, automatic segmentation",
+        content_label="ICH_AI",
+        omit_empty_frames=True,
+        series_description=SEG_SERIES_DESCRIPTION,
+        **_common_kwargs(findings, now),  # type: ignore[arg-type]
+    )
+    if headers[0].get("StudyDescription"):
+        seg.StudyDescription = headers[0].StudyDescription
+    return seg
+
+
+# ----------------------------------------------------------------------------
+# SR
+# ----------------------------------------------------------------------------
+
+
+def _presence(present: bool) -> hd.sr.CodedConcept | object:
+    return codes.SCT.Present if present else codes.SCT.Absent
+
+
+def build_report(
+    findings: SeriesFindings,
+    headers: Sequence[Dataset],
+    seg: hd.seg.Segmentation | None,
+    *,
+    series_number: int,
+    now: datetime.datetime,
+) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 measurement report: always written, also for a negative series."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=DEVICE_OBSERVER_UID,
+        name="ichnode",
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{findings.model_name} {_model_version(findings)}"[:64],
+    )
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+    algorithm = _sr_algorithm(findings)
+    brain = [hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)]
+
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            name=codes.SCT.IntracranialHemorrhage,
+            value=_presence(findings.hemorrhage_present),  # type: ignore[arg-type]
+        )
+    ]
+    for name in SUBTYPES:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=SUBTYPE_CODES[name],
+                value=_presence(findings.subtypes[name].present),  # type: ignore[arg-type]
+            )
+        )
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=hd.UID(), identifier="intracranial hemorrhage, series"
+            ),
+            finding_type=codes.SCT.IntracranialHemorrhage,
+            finding_sites=brain,
+            algorithm_id=algorithm,
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.DCM.Probability,
+                    value=float(findings.hemorrhage_probability),
+                    unit=NO_UNITS,
+                    algorithm_id=algorithm,
+                )
+            ],
+            qualitative_evaluations=evaluations,
+        )
+    ]
+
+    segment_numbers: dict[str, int] = {}
+    tracking_uids: dict[str, str] = {}
+    if seg is not None:
+        for item in seg.SegmentSequence:
+            label = str(item.SegmentLabel).removesuffix(" hemorrhage")
+            segment_numbers[label] = int(item.SegmentNumber)
+            tracking_uids[label] = str(item.TrackingUID)
+
+    for name in SUBTYPES:
+        finding = findings.subtypes[name]
+        if not finding.present:
+            continue
+        measurements = [
+            hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=float(finding.volume_ml),
+                unit=MILLILITER,
+                algorithm_id=algorithm,
+            ),
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=float(finding.probability),
+                unit=NO_UNITS,
+                algorithm_id=algorithm,
+            ),
+        ]
+        qualitative = [
+            hd.sr.QualitativeEvaluation(name=SUBTYPE_CODES[name], value=codes.SCT.Present)
+        ]
+        if seg is not None and name in segment_numbers:
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=tracking_uids[name], identifier=f"{name} hemorrhage"
+                    ),
+                    referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
+                        seg, segment_number=segment_numbers[name]
+                    ),
+                    finding_type=SUBTYPE_CODES[name],
+                    finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+                    algorithm_id=algorithm,
+                    finding_sites=brain,
+                    measurements=measurements,
+                    qualitative_evaluations=qualitative,
+                )
+            )
+        else:
+            # Found by the classifier but with an empty mask: no segment to point at.
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=hd.UID(), identifier=f"{name} hemorrhage"
+                    ),
+                    finding_type=SUBTYPE_CODES[name],
+                    finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+                    algorithm_id=algorithm,
+                    finding_sites=brain,
+                    measurements=measurements,
+                    qualitative_evaluations=qualitative,
+                )
+            )
+
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=codes.LN.HeadCT,
+        imaging_measurements=groups,
+    )
+    evidence: list[Dataset] = list(headers)
+    if seg is not None:
+        evidence.append(seg)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SR_SERIES_DESCRIPTION,
+        **_common_kwargs(findings, now),  # type: ignore[arg-type]
+    )
+    if headers[0].get("StudyDescription"):
+        sr.StudyDescription = headers[0].StudyDescription
+    return sr
+
+
+# ----------------------------------------------------------------------------
+# SC key images
+# ----------------------------------------------------------------------------
+
+
+def _orientation_letter(vector: Sequence[float]) -> str:
+    """The dominant patient direction of a direction cosine vector (LPS)."""
+    axis = int(np.argmax(np.abs(vector)))
+    positive = ("L", "P", "H")[axis]
+    negative = ("R", "A", "F")[axis]
+    return positive if vector[axis] >= 0 else negative
+
+
+def _patient_orientation(header: Dataset) -> tuple[str, str]:
+    orientation = header.get("ImageOrientationPatient")
+    if orientation is None:
+        return ("L", "P")
+    values = [float(v) for v in orientation]
+    return (_orientation_letter(values[:3]), _orientation_letter(values[3:]))
+
+
+def _hu_slice(
+    index: int, headers: Sequence[Dataset], sources: Sequence[Dataset], hu: np.ndarray | None
+) -> np.ndarray:
+    if hu is not None:
+        return np.asarray(hu[index], dtype=np.float32)
+    ds = sources[index]
+    if "PixelData" not in ds:
+        raise ResultsError(
+            "key images need pixel values: pass hu= or source datasets with pixel data"
+        )
+    pixels = ds.pixel_array.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return pixels * slope + intercept
+
+
+def build_key_images(
+    findings: SeriesFindings,
+    headers: Sequence[Dataset],
+    sources: Sequence[Dataset],
+    *,
+    hu: np.ndarray | None,
+    series_number: int,
+    now: datetime.datetime,
+) -> list[hd.sc.SCImage]:
+    """One RGB key image per subtype found: its largest slice with outline and heat map."""
+    images: list[hd.sc.SCImage] = []
+    series_instance_uid = hd.UID()
+    for name in segmented_subtypes(findings):
+        mask = np.asarray(findings.masks[SUBTYPES.index(name)], dtype=bool)
+        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        index = int(np.argmax(areas))
+        header = headers[index]
+        finding = findings.subtypes[name]
+        heat = None if findings.gradcam is None else np.asarray(findings.gradcam[index])
+        lines = [
+            DISCLAIMER,
+            f"{name} hemorrhage  p={finding.probability:.2f}  {finding.volume_ml:.1f} mL",
+            f"{findings.model_name} {findings.model_version or ''}  "
+            f"slice {index + 1}/{len(headers)}".strip(),
+        ]
+        rgb = drawing.key_image(
+            _hu_slice(index, headers, sources, hu),
+            mask[index],
+            drawing.SUBTYPE_COLOURS[name],
+            lines,
+            heat,
+        )
+        spacing = header.get("PixelSpacing")
+        sc = hd.sc.SCImage(
+            pixel_array=rgb,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            study_instance_uid=header.StudyInstanceUID,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=len(images) + 1,
+            manufacturer=MANUFACTURER,
+            patient_id=header.PatientID,
+            patient_name=header.PatientName,
+            patient_birth_date=header.PatientBirthDate,
+            patient_sex=header.PatientSex or None,
+            accession_number=header.AccessionNumber,
+            study_id=header.StudyID,
+            study_date=header.StudyDate or None,
+            study_time=header.StudyTime or None,
+            referring_physician_name=header.ReferringPhysicianName,
+            pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+            patient_orientation=_patient_orientation(header),
+            series_description=SC_SERIES_DESCRIPTION,
+            **_common_kwargs(findings, now),  # type: ignore[arg-type]
+        )
+        sc.BurnedInAnnotation = "YES"
+        sc.Laterality = ""  # Type 2C, empty: a head is not a paired structure
+        sc.DerivationDescription = f"{DISCLAIMER}; {name} hemorrhage outline and Grad-CAM"
+        source_item = Dataset()
+        source_item.ReferencedSOPClassUID = header.SOPClassUID
+        source_item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+        sc.SourceImageSequence = [source_item]
+        if header.get("StudyDescription"):
+            sc.StudyDescription = header.StudyDescription
+        images.append(sc)
+    return images
+
+
+# ----------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------
+
+
+def encode_results(
+    findings: SeriesFindings,
+    source_datasets: Sequence[Dataset],
+    *,
+    hu: np.ndarray | None = None,
+    now: datetime.datetime | None = None,
+) -> list[Dataset]:
+    """Build the result objects of one series: [SEG if found], SR, [SC per subtype found].
+
+    Parameters
+    ----------
+    findings
+        What the model found; masks and slices in the order of ``source_datasets``.
+    source_datasets
+        The series' CT headers in volume order (``Volume.datasets``). Pixel data
+        is needed only for key images, and only when ``hu`` is not given.
+    hu
+        Optional (z, y, x) HU volume for the key images (``Volume.hu``).
+    now
+        Content date/time of the analysis (default: the current local time).
+    """
+    now = now or datetime.datetime.now()
+    headers = [sanitized_header(ds) for ds in source_datasets]
+    _check_inputs(findings, headers)
+    seg_number, sr_number, sc_number = _series_numbers(headers[0])
+    seg = build_segmentation(findings, headers, series_number=seg_number, now=now)
+    sr = build_report(findings, headers, seg, series_number=sr_number, now=now)
+    key_images = build_key_images(
+        findings, headers, source_datasets, hu=hu, series_number=sc_number, now=now
+    )
+    objects: list[Dataset] = []
+    if seg is not None:
+        objects.append(seg)
+    objects.append(sr)
+    objects.extend(key_images)
+    logger.info(
+        "series %s: %d result objects (SEG %s, key images %d)",
+        findings.series_instance_uid,
+        len(objects),
+        "yes" if seg is not None else "no",
+        len(key_images),
+    )
+    return objects
+
+
+def _file_prefix(ds: Dataset) -> str:
+    sop_class_uid = str(ds.SOPClassUID)
+    if sop_class_uid == SegmentationStorage:
+        return "SEG"
+    if sop_class_uid == SecondaryCaptureImageStorage:
+        return "SC"
+    return "SR"
+
+
+def write_datasets(datasets: Sequence[Dataset], out_dir: Path) -> list[Path]:
+    """Write each dataset as a DICOM file (with file meta) into ``out_dir``; return paths.
+
+    Files appear atomically: written under a temporary name, fsynced, renamed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for ds in datasets:
+        path = out_dir / f"{_file_prefix(ds)}-{ds.SOPInstanceUID}.dcm"
+        tmp = path.with_name(path.name + ".part")
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def write_results(
+    findings: SeriesFindings,
+    source_datasets: Sequence[Dataset],
+    out_dir: Path,
+    *,
+    hu: np.ndarray | None = None,
+    now: datetime.datetime | None = None,
+) -> list[Path]:
+    """:func:`encode_results` and write the objects into ``out_dir``; return their paths."""
+    return write_datasets(encode_results(findings, source_datasets, hu=hu, now=now), out_dir)
