@@ -281,6 +281,11 @@ class Job(Base):
     content_hash: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    # Stage timings for node.metrics (migration 0002): the series' last instance
+    # time when queued, and the worker's measured inference and encoding time.
+    received_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    inference_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    encoding_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job")
@@ -325,5 +330,7 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(_ts(), default=utcnow)
     acked_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
+    # When ``ichnode outbox retry`` revived it; the age limit counts from then (0002).
+    retried_at: Mapped[dt.datetime | None] = mapped_column(_ts(), nullable=True)
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
