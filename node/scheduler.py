@@ -1,0 +1,452 @@
+"""Series completion and the job queue.
+
+The scheduler decides when a received series is complete and turns it into a
+``jobs`` row; everything it decides on is kept in the index:
+
+* a series is *ready* when the association that sent its latest instances was
+  released normally and no instance arrived for :data:`RELEASE_QUIET_SECONDS`,
+  or when ``scheduler.series_quiet_seconds`` passed since its last instance
+  (an aborted association waits the full quiet time);
+* instances that arrive after a series was handled make it ready again
+  (``last_instance_at > ready_at``); a new job supersedes the queued ones;
+* an identical resend (same content hash over the sorted SOP Instance UIDs,
+  file sizes and SHA-256 of the files) creates no job;
+* a series the routing rules reject is marked ``skipped`` with the reason.
+
+It also owns the queue operations shared with the worker processes: the atomic
+claim (one ``UPDATE ... RETURNING``), and taking up jobs whose worker died
+(stale heartbeat, or claimed by a process that no longer exists).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from config.settings import JobSettings, RoutingSettings
+from node.routing import skip_reason
+from storage.index import Index
+from storage.models import (
+    AssociationOutcome,
+    AssociationRecord,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+# After a normal release, the series is ready once no instance came for this long.
+RELEASE_QUIET_SECONDS = 1.0
+_HASH_CHUNK = 1 << 20
+
+
+def utcnow() -> dt.datetime:
+    """Return the current time in UTC (timezone-aware)."""
+    return dt.datetime.now(dt.UTC)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """Return ``value`` as an aware UTC datetime (SQLite gives back naive UTC)."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def series_ready(
+    now: dt.datetime,
+    last_instance_at: dt.datetime,
+    released: bool,
+    quiet_seconds: float,
+    release_quiet_seconds: float = RELEASE_QUIET_SECONDS,
+) -> bool:
+    """Return True when a series whose last instance came at ``last_instance_at`` is complete.
+
+    Parameters
+    ----------
+    now, last_instance_at : datetime
+        Aware or naive-UTC times.
+    released : bool
+        Every association that sent the series' new instances was released normally.
+    quiet_seconds : float
+        ``scheduler.series_quiet_seconds``.
+    """
+    idle = (as_utc(now) - as_utc(last_instance_at)).total_seconds()
+    if idle >= quiet_seconds:
+        return True
+    return released and idle >= min(release_quiet_seconds, quiet_seconds)
+
+
+def content_hash(instances: Iterable[tuple[str, str, int]]) -> str:
+    """SHA-256 over the sorted (SOP Instance UID, file size, file SHA-256) of a series.
+
+    Parameters
+    ----------
+    instances : iterable of (sop_instance_uid, path, size)
+        A file that cannot be read counts with an empty digest.
+    """
+    outer = hashlib.sha256()
+    for sop_instance_uid, path, size in sorted(instances):
+        inner = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_HASH_CHUNK):
+                    inner.update(chunk)
+            digest = inner.hexdigest()
+        except OSError:
+            digest = ""
+        outer.update(f"{sop_instance_uid}\0{size}\0{digest}\n".encode())
+    return outer.hexdigest()
+
+
+def worker_id() -> str:
+    """Identify this process in ``jobs.claimed_by``: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(claimed_by: str | None) -> bool:
+    """False when ``claimed_by`` names a process of this host that no longer exists."""
+    if not claimed_by:
+        return False
+    host, _, pid_text = claimed_by.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another host: only the heartbeat can tell
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job a worker now owns."""
+
+    id: int
+    series_id: int
+    attempts: int
+
+
+def claim_job(
+    session: Session, claimed_by: str, now: dt.datetime | None = None
+) -> ClaimedJob | None:
+    """Atomically take the oldest due queued job; None when there is none.
+
+    One ``UPDATE jobs ... WHERE id = (SELECT ... LIMIT 1) AND state = 'queued'
+    RETURNING``: two workers can never claim the same row. The caller commits
+    (``with index.session() as session``).
+    """
+    now = now or utcnow()
+    due = (
+        select(Job.id)
+        .where(
+            Job.state == JobState.QUEUED,
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+        )
+        .order_by(Job.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    row = session.execute(
+        update(Job)
+        .where(Job.id == due, Job.state == JobState.QUEUED)
+        .values(
+            state=JobState.RUNNING,
+            claimed_by=claimed_by,
+            claimed_at=now,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+        )
+        .returning(Job.id, Job.series_id, Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return None
+    session.execute(
+        update(Series)
+        .where(Series.id == row.series_id)
+        .values(status=SeriesStatus.RUNNING, reason=None)
+        .execution_options(synchronize_session=False)
+    )
+    return ClaimedJob(id=int(row.id), series_id=int(row.series_id), attempts=int(row.attempts))
+
+
+def requeue_orphans(
+    session: Session,
+    jobs: JobSettings,
+    now: dt.datetime | None = None,
+    *,
+    all_running: bool = False,
+) -> list[int]:
+    """Put running jobs whose worker is gone back in the queue (or fail them).
+
+    A job is orphaned when ``all_running`` (the node starts and no worker of
+    it runs yet), its heartbeat is older than ``jobs.stale_after_seconds``, or
+    its ``claimed_by`` process is dead. A job that already used
+    ``jobs.max_attempts`` becomes ``failed``. The caller commits; returns the job ids.
+    """
+    now = now or utcnow()
+    stale_before = now - dt.timedelta(seconds=jobs.stale_after_seconds)
+    running = session.execute(select(Job).where(Job.state == JobState.RUNNING)).scalars().all()
+    taken: list[int] = []
+    for job in running:
+        heartbeat = as_utc(job.heartbeat_at) if job.heartbeat_at else None
+        orphan = (
+            all_running
+            or heartbeat is None
+            or heartbeat < stale_before
+            or not _pid_alive(job.claimed_by)
+        )
+        if not orphan:
+            continue
+        taken.append(job.id)
+        series = session.get(Series, job.series_id)
+        if job.attempts >= jobs.max_attempts:
+            job.state = JobState.FAILED
+            job.error = f"worker {job.claimed_by} stopped during attempt {job.attempts}"
+            job.finished_at = now
+            if series is not None and _is_latest_job(session, job):
+                series.status = SeriesStatus.FAILED
+                series.reason = job.error
+            logger.error("job %s failed: %s", job.id, job.error)
+            continue
+        logger.warning("job %s: worker %s is gone, queued again", job.id, job.claimed_by)
+        job.state = JobState.QUEUED
+        job.error = f"worker {job.claimed_by} stopped; taken up again"
+        job.claimed_by = None
+        job.not_before = now
+        if series is not None and _is_latest_job(session, job):
+            series.status = SeriesStatus.QUEUED
+    return taken
+
+
+def _is_latest_job(session: Session, job: Job) -> bool:
+    newest = session.execute(
+        select(Job.id).where(Job.series_id == job.series_id).order_by(Job.id.desc()).limit(1)
+    ).scalar_one()
+    return int(newest) == job.id
+
+
+class Scheduler:
+    """Watches the index for complete series and queues their jobs.
+
+    Parameters
+    ----------
+    index : storage.index.Index
+        The index (one engine for the process).
+    quiet_seconds : float
+        ``scheduler.series_quiet_seconds``.
+    routing : RoutingSettings
+        The ``[routing]`` rules.
+    jobs : JobSettings
+        Retry and staleness settings.
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        quiet_seconds: float,
+        routing: RoutingSettings,
+        jobs: JobSettings,
+        poll_seconds: float = 0.2,
+        on_tick: Callable[[], object] | None = None,
+    ) -> None:
+        self.index = index
+        self.quiet_seconds = quiet_seconds
+        self.routing = routing
+        self.jobs = jobs
+        self.poll_seconds = poll_seconds
+        self.on_tick = on_tick
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- decisions ---------------------------------------------------------
+    def _released(self, session: Session, series: Series) -> bool:
+        """Every association that sent instances since the last decision ended in a release."""
+        conditions = [Instance.series_id == series.id]
+        if series.ready_at is not None:
+            since = series.ready_at
+            conditions.append(or_(Instance.received_at > since, Instance.last_resent_at > since))
+        outcomes = session.execute(
+            select(Instance.association_id, AssociationRecord.outcome)
+            .outerjoin(AssociationRecord, AssociationRecord.id == Instance.association_id)
+            .where(*conditions)
+            .distinct()
+        ).all()
+        if not outcomes:
+            return False
+        return all(
+            pk is not None and outcome == AssociationOutcome.RELEASED for pk, outcome in outcomes
+        )
+
+    def candidates(self, session: Session) -> list[Series]:
+        """Series with instances the scheduler has not decided on yet."""
+        return list(
+            session.execute(
+                select(Series)
+                .where(
+                    Series.last_instance_at.is_not(None),
+                    or_(Series.ready_at.is_(None), Series.last_instance_at > Series.ready_at),
+                )
+                .order_by(Series.last_instance_at)
+            ).scalars()
+        )
+
+    def tick(self, now: dt.datetime | None = None) -> list[int]:
+        """Decide on every waiting series; return the ids of the series made ready."""
+        now = now or utcnow()
+        made_ready: list[int] = []
+        with self.index.session(readonly=True) as session:
+            waiting = [
+                (s.id, s.last_instance_at)
+                for s in self.candidates(session)
+                if s.last_instance_at is not None
+                and series_ready(
+                    now, s.last_instance_at, self._released(session, s), self.quiet_seconds
+                )
+            ]
+        for series_id, seen_last in waiting:
+            if self.make_ready(series_id, seen_last, now):
+                made_ready.append(series_id)
+        return made_ready
+
+    def make_ready(self, series_id: int, seen_last: dt.datetime, now: dt.datetime) -> bool:
+        """Hash, route and queue one complete series. False when it changed meanwhile."""
+        with self.index.session(readonly=True) as session:
+            rows = [
+                (str(r[0]), str(r[1]), int(r[2]))
+                for r in session.execute(
+                    select(Instance.sop_instance_uid, Instance.path, Instance.size)
+                    .where(Instance.series_id == series_id)
+                    .order_by(Instance.instance_number, Instance.sop_instance_uid)
+                ).all()
+            ]
+        digest = content_hash(rows)
+        with self.index.session() as session:
+            series = session.get(Series, series_id)
+            if series is None:
+                return False
+            if series.last_instance_at is None or as_utc(series.last_instance_at) != as_utc(
+                seen_last
+            ):
+                return False  # an instance arrived meanwhile; decide at the next tick
+            series.ready_at = now
+            if digest == series.content_hash:
+                logger.info(
+                    "series %s: same content as analysed before, no new job",
+                    series.series_instance_uid,
+                )
+                return True
+            series.content_hash = digest
+            self._supersede_queued(session, series_id, now)
+            reason = self._route(rows, series)
+            if reason is not None:
+                series.status = SeriesStatus.SKIPPED
+                series.reason = reason
+                logger.info("series %s skipped: %s", series.series_instance_uid, reason)
+                return True
+            job = Job(
+                series_id=series_id,
+                state=JobState.QUEUED,
+                attempts=0,
+                content_hash=digest,
+                created_at=now,
+                received_at=series.last_instance_at,
+            )
+            session.add(job)
+            series.status = SeriesStatus.QUEUED
+            series.reason = None
+            session.flush()
+            logger.info(
+                "series %s complete (%d instances): job %s queued",
+                series.series_instance_uid,
+                len(rows),
+                job.id,
+            )
+        return True
+
+    @staticmethod
+    def _supersede_queued(session: Session, series_id: int, now: dt.datetime) -> None:
+        session.execute(
+            update(Job)
+            .where(and_(Job.series_id == series_id, Job.state == JobState.QUEUED))
+            .values(
+                state=JobState.SUPERSEDED, finished_at=now, error="superseded by newer instances"
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+    def _route(self, rows: Sequence[tuple[str, str, int]], series: Series) -> str | None:
+        if not rows:
+            return "no instances"
+        ds = None
+        for row in rows:
+            try:
+                ds = dcmread(Path(row[1]), stop_before_pixels=True)
+                break
+            except (OSError, InvalidDicomError, ValueError) as exc:
+                logger.warning(
+                    "series %s: cannot read %s: %s", series.series_instance_uid, row[1], exc
+                )
+        if ds is None:
+            return "no readable instance in the archive"
+        return skip_reason(ds, len(rows), self.routing)
+
+    # -- thread ------------------------------------------------------------
+    def recover(self) -> list[int]:
+        """At start-up: every running job belongs to a previous, dead, node process."""
+        with self.index.session() as session:
+            return requeue_orphans(session, self.jobs, all_running=True)
+
+    def wake(self) -> None:
+        """Look at the index now (e.g. after an association was released)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        stale_check = 0.0
+        while not self._stop.is_set():
+            try:
+                self.tick()
+                stale_check += self.poll_seconds
+                if stale_check >= self.jobs.heartbeat_seconds:
+                    stale_check = 0.0
+                    with self.index.session() as session:
+                        requeue_orphans(session, self.jobs)
+                if self.on_tick is not None:
+                    self.on_tick()
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("scheduler pass failed (%s); retrying", exc)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread."""
+        self._thread = threading.Thread(target=self._loop, name="ichnode-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,375 @@
+"""The outbox sender: delivers result objects to the configured destinations.
+
+Each ``deliveries`` row is one result object towards one destination. The
+sender keeps one association per destination, sends every due delivery with
+C-STORE, checks every response status (an empty response is a timeout or an
+abort, never a success) and marks a row ``sent`` only on an acknowledgement.
+A failed try is retried with exponential backoff (``[delivery]``
+``backoff_initial_seconds`` doubling up to ``backoff_max_seconds``); a delivery
+older than ``max_age_hours`` becomes ``dead`` until ``ichnode outbox retry``.
+Everything it knows lives in the index, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+from pynetdicom import AE
+from pynetdicom.association import Association
+from sqlalchemy import or_, select
+
+from config.settings import DeliverySettings, DestinationSettings
+from storage.index import Index
+from storage.models import Delivery, DeliveryState, Result
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses that mean the destination has the object (PS3.4 B.2.3):
+# success and the three warnings (coercion, elements discarded, no validation).
+ACKNOWLEDGED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+# The SOP classes ichnode produces; requested on every association so one
+# association carries a whole result set.
+_RESULT_SOP_CLASSES = (
+    SegmentationStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+)
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+# An idle association is released after this many seconds.
+IDLE_RELEASE_SECONDS = 10.0
+
+
+def utcnow() -> dt.datetime:
+    """Return the current time in UTC (timezone-aware)."""
+    return dt.datetime.now(dt.UTC)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """Return ``value`` as an aware UTC datetime (SQLite returns naive UTC)."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after the ``attempts``-th failed try (1-based).
+
+    ``initial`` after the first failure, doubling after each further one, never
+    more than ``maximum``.
+    """
+    if attempts < 1:
+        return 0.0
+    exponent = min(attempts - 1, 62)
+    return float(min(maximum, initial * (2.0**exponent)))
+
+
+@dataclass
+class SendOutcome:
+    """What one pass of the sender did (for logs and tests)."""
+
+    sent: list[int] = field(default_factory=list)
+    retried: list[int] = field(default_factory=list)
+    dead: list[int] = field(default_factory=list)
+
+
+class DestinationLink:
+    """One destination and its (at most one) open association."""
+
+    def __init__(self, destination: DestinationSettings, calling_ae: str, timeout: float) -> None:
+        self.destination = destination
+        self.calling_ae = calling_ae
+        self.timeout = timeout
+        self.assoc: Association | None = None
+        self.last_used = 0.0
+        self._extra_contexts: set[tuple[str, str]] = set()
+
+    def _contexts(self) -> list[tuple[str, list[str]]]:
+        wanted: dict[str, list[str]] = {
+            str(uid): list(_UNCOMPRESSED) for uid in _RESULT_SOP_CLASSES
+        }
+        for sop_class_uid, ts in sorted(self._extra_contexts):
+            syntaxes = wanted.setdefault(sop_class_uid, list(_UNCOMPRESSED))
+            if ts not in syntaxes:
+                syntaxes.insert(0, ts)
+        return list(wanted.items())
+
+    def _accepts(self, sop_class_uid: str, transfer_syntax: str) -> bool:
+        assert self.assoc is not None
+        for cx in self.assoc.accepted_contexts:
+            if cx.abstract_syntax != sop_class_uid:
+                continue
+            if cx.transfer_syntax and (
+                cx.transfer_syntax[0] == transfer_syntax or transfer_syntax in _UNCOMPRESSED
+            ):
+                return True
+        return False
+
+    def open(self, sop_class_uid: str, transfer_syntax: str) -> Association | None:
+        """Return an established association able to carry this object, or None."""
+        if self.assoc is not None and self.assoc.is_established:
+            if self._accepts(sop_class_uid, transfer_syntax):
+                return self.assoc
+            self.release()
+        key = (sop_class_uid, transfer_syntax)
+        if key not in {(str(u), str(t)) for u in _RESULT_SOP_CLASSES for t in _UNCOMPRESSED}:
+            self._extra_contexts.add(key)
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = self.timeout
+        ae.dimse_timeout = self.timeout
+        ae.network_timeout = self.timeout
+        ae.connection_timeout = self.timeout
+        for abstract, syntaxes in self._contexts():
+            ae.add_requested_context(abstract, syntaxes)
+        dest = self.destination
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if not assoc.is_established:
+            logger.warning(
+                "destination %s (%s@%s:%s): association not established",
+                dest.name,
+                dest.ae_title,
+                dest.host,
+                dest.port,
+            )
+            self.assoc = None
+            return None
+        self.assoc = assoc
+        if not self._accepts(sop_class_uid, transfer_syntax):
+            logger.warning(
+                "destination %s accepts no presentation context for %s / %s",
+                dest.name,
+                sop_class_uid,
+                transfer_syntax,
+            )
+            return None
+        return assoc
+
+    def release(self) -> None:
+        """Release the association if one is open."""
+        if self.assoc is not None:
+            if self.assoc.is_established:
+                self.assoc.release()
+            self.assoc = None
+
+    def drop(self) -> None:
+        """Abort the association after an error (it is not trusted any more)."""
+        if self.assoc is not None:
+            if self.assoc.is_established:
+                self.assoc.abort()
+            self.assoc = None
+
+
+def _store(link: DestinationLink, path: Path) -> tuple[bool, str]:
+    """Send one file; return (acknowledged, error text)."""
+    try:
+        meta = dcmread(path, stop_before_pixels=True)
+    except (OSError, ValueError) as exc:
+        return False, f"cannot read result file {path}: {exc}"
+    sop_class_uid = str(meta.SOPClassUID)
+    transfer_syntax = str(meta.file_meta.TransferSyntaxUID)
+    assoc = link.open(sop_class_uid, transfer_syntax)
+    if assoc is None:
+        return False, "association not established or context rejected"
+    link.last_used = time.monotonic()
+    try:
+        status = assoc.send_c_store(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        link.drop()
+        return False, f"C-STORE failed: {exc}"
+    if "Status" not in status:
+        # pynetdicom: an empty Dataset is a timeout, an abort or an invalid response.
+        link.drop()
+        return False, "no C-STORE response (timeout or abort)"
+    code = int(status.Status)
+    if code in ACKNOWLEDGED:
+        return True, ""
+    comment = status.get("ErrorComment", "")
+    return False, f"C-STORE status 0x{code:04X}{' ' + str(comment) if comment else ''}"
+
+
+class Sender:
+    """Deliver due rows of the outbox, one association per destination.
+
+    Parameters
+    ----------
+    index : storage.index.Index
+        The index holding the outbox.
+    destinations : list of DestinationSettings
+        The configured destinations (deliveries name them).
+    delivery : DeliverySettings
+        Backoff and age limits.
+    calling_ae : str
+        Our AE title as the calling AE.
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        destinations: list[DestinationSettings],
+        delivery: DeliverySettings,
+        calling_ae: str,
+        poll_seconds: float = 0.25,
+    ) -> None:
+        self.index = index
+        self.delivery = delivery
+        self.poll_seconds = poll_seconds
+        self.links = {
+            d.name: DestinationLink(d, calling_ae, delivery.timeout_seconds) for d in destinations
+        }
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one pass ---------------------------------------------------------
+    def _due(self, now: dt.datetime, limit: int) -> list[tuple[int, str, str, bool]]:
+        with self.index.session(readonly=True) as session:
+            rows = session.execute(
+                select(Delivery.id, Delivery.destination, Result.path, Result.superseded)
+                .join(Result, Result.id == Delivery.result_id)
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                )
+                .order_by(Delivery.id)
+                .limit(limit)
+            ).all()
+        return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+    def _record(self, delivery_id: int, ok: bool, error: str, outcome: SendOutcome) -> None:
+        now = utcnow()
+        with self.index.session() as session:
+            row = session.get(Delivery, delivery_id)
+            if row is None or row.state != DeliveryState.PENDING:
+                return
+            row.attempts += 1
+            if ok:
+                row.state = DeliveryState.SENT
+                row.acked_at = now
+                row.last_error = None
+                row.next_attempt_at = None
+                outcome.sent.append(delivery_id)
+                return
+            row.last_error = error
+            started = as_utc(getattr(row, "retried_at", None) or row.created_at)
+            max_age = dt.timedelta(hours=self.delivery.max_age_hours)
+            if now - started >= max_age:
+                row.state = DeliveryState.DEAD
+                row.next_attempt_at = None
+                outcome.dead.append(delivery_id)
+                logger.error(
+                    "delivery %s to %s is dead after %d tries: %s",
+                    delivery_id,
+                    row.destination,
+                    row.attempts,
+                    error,
+                )
+                return
+            wait = backoff_seconds(
+                row.attempts,
+                self.delivery.backoff_initial_seconds,
+                self.delivery.backoff_max_seconds,
+            )
+            row.next_attempt_at = now + dt.timedelta(seconds=wait)
+            outcome.retried.append(delivery_id)
+            logger.warning(
+                "delivery %s to %s failed (try %d, next in %.1f s): %s",
+                delivery_id,
+                row.destination,
+                row.attempts,
+                wait,
+                error,
+            )
+
+    def _mark_dead(self, delivery_id: int, error: str, outcome: SendOutcome) -> None:
+        with self.index.session() as session:
+            row = session.get(Delivery, delivery_id)
+            if row is None or row.state != DeliveryState.PENDING:
+                return
+            row.state = DeliveryState.DEAD
+            row.last_error = error
+            row.next_attempt_at = None
+            outcome.dead.append(delivery_id)
+
+    def send_once(self, limit: int = 200) -> SendOutcome:
+        """Try every due delivery once; return what happened."""
+        outcome = SendOutcome()
+        broken: set[str] = set()
+        for delivery_id, destination, path, superseded in self._due(utcnow(), limit):
+            if superseded:
+                self._mark_dead(delivery_id, "result superseded by a newer analysis", outcome)
+                continue
+            link = self.links.get(destination)
+            if link is None:
+                self._record(
+                    delivery_id, False, f"destination {destination!r} is not configured", outcome
+                )
+                continue
+            if destination in broken:
+                # Its association just failed: do not hammer it within this pass.
+                self._record(delivery_id, False, "destination unreachable", outcome)
+                continue
+            ok, error = _store(link, Path(path))
+            if not ok and link.assoc is None:
+                broken.add(destination)
+            self._record(delivery_id, ok, error, outcome)
+            if ok:
+                logger.info("delivery %s acknowledged by %s", delivery_id, destination)
+        self._release_idle()
+        return outcome
+
+    def _release_idle(self) -> None:
+        now = time.monotonic()
+        for link in self.links.values():
+            if link.assoc is not None and now - link.last_used > IDLE_RELEASE_SECONDS:
+                link.release()
+
+    # -- thread -----------------------------------------------------------
+    def wake(self) -> None:
+        """Look at the outbox now rather than at the next poll."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                outcome = self.send_once()
+            except Exception:  # keep the sender alive; the error is logged with its traceback
+                logger.exception("sender pass failed; retrying")
+                outcome = SendOutcome()
+            if outcome.sent or outcome.retried or outcome.dead:
+                continue
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def start(self) -> None:
+        """Run the sender in a background thread."""
+        self._thread = threading.Thread(target=self._loop, name="ichnode-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread and release every association."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for link in self.links.values():
+            link.release()

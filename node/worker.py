@@ -1,0 +1,491 @@
+"""Analysis workers: processes that take jobs from the index and produce results.
+
+Each worker is a separate process (``multiprocessing`` *spawn*) that loads the
+model once and keeps it warm. It claims a job atomically
+(:func:`node.scheduler.claim_job`), keeps a heartbeat on the row while it
+works, reads the series from the archive, runs the predictor, encodes the
+SEG/SR/SC objects, writes them durably under ``<root>/results/<job id>/`` and
+then, in one transaction, records the ``results`` rows, the series finding,
+the ``deliveries`` rows of the outbox and the job's timings. The files are
+keyed by the job, so a job taken up again after a crash overwrites its own
+partial output and commits exactly one set of rows.
+
+A failing job is retried with backoff (``[jobs]``) and then marked
+``failed`` with the reason; a series the volume loader refuses is ``skipped``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.context import SpawnProcess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select, update
+
+from config.settings import Settings
+from node.scheduler import ClaimedJob, claim_job, utcnow, worker_id
+from storage.index import Index
+from storage.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    ResultKind,
+    Series,
+    SeriesStatus,
+)
+
+if TYPE_CHECKING:
+    from inference.predictor import Predictor
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class JobAbandoned(Exception):
+    """The job is no longer this worker's (taken over, or superseded)."""
+
+
+@dataclass
+class JobOutcome:
+    """What processing one job produced (for logs and tests)."""
+
+    job_id: int
+    state: str
+    results: list[str]
+    reason: str | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _kind(ds: Dataset) -> ResultKind:
+    modality = str(ds.get("Modality", "")).upper()
+    if modality == "SEG":
+        return ResultKind.SEG
+    if modality == "SR":
+        return ResultKind.SR
+    return ResultKind.SC
+
+
+def write_result_files(folder: Path, datasets: Sequence[Dataset]) -> list[Path]:
+    """Write ``datasets`` durably into ``folder`` (emptied first); return the paths.
+
+    Each file is written to a temporary name, fsynced and renamed; the folder is
+    fsynced at the end, so the files survive a crash once this returns.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    _fsync_dir(folder.parent)
+    paths = []
+    for number, ds in enumerate(datasets, start=1):
+        final = folder / f"{number:03d}-{_kind(ds).value}-{ds.SOPInstanceUID}.dcm"
+        tmp = final.with_suffix(".tmp")
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        paths.append(final)
+    _fsync_dir(folder)
+    return paths
+
+
+def destinations_for(settings: Settings, calling_aets: set[str]) -> list[str]:
+    """Names of the destinations that get the results of a series.
+
+    Every configured destination, or with ``delivery.return_to_sender`` only
+    those whose AE title sent the series (all of them when none did).
+    """
+    names = [d.name for d in settings.destinations]
+    if settings.delivery.return_to_sender:
+        back = [d.name for d in settings.destinations if d.ae_title in calling_aets]
+        if back:
+            return back
+    return names
+
+
+class _Heartbeat:
+    """Refresh ``jobs.heartbeat_at`` in the background while a job runs."""
+
+    def __init__(self, index: Index, job_id: int, claimed_by: str, every: float) -> None:
+        self.index = index
+        self.job_id = job_id
+        self.claimed_by = claimed_by
+        self.every = every
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            with self.index.session() as session:
+                done = session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == self.job_id,
+                        Job.claimed_by == self.claimed_by,
+                        Job.state == JobState.RUNNING,
+                    )
+                    .values(heartbeat_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+                if not done.rowcount:  # type: ignore[attr-defined]
+                    self.lost = True
+                    return
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class JobRunner:
+    """Processes claimed jobs with one warm predictor (used inside a worker process).
+
+    Parameters
+    ----------
+    settings : Settings
+        The node's configuration.
+    index : Index
+        The index (this process's own engine).
+    predictor : Predictor
+        The loaded model.
+    """
+
+    def __init__(self, settings: Settings, index: Index, predictor: Predictor) -> None:
+        self.settings = settings
+        self.index = index
+        self.predictor = predictor
+        self.claimed_by = worker_id()
+        self.results_root = Path(settings.storage.root) / "results"
+
+    def claim(self) -> ClaimedJob | None:
+        """Claim the next due job, if any."""
+        now = utcnow()
+        with self.index.session(readonly=True) as session:
+            waiting = session.execute(
+                select(Job.id).where(Job.state == JobState.QUEUED).limit(1)
+            ).first()
+        if waiting is None:
+            return None
+        with self.index.session() as session:
+            return claim_job(session, self.claimed_by, now)
+
+    def run_one(self) -> JobOutcome | None:
+        """Claim and process one job; None when the queue is empty."""
+        job = self.claim()
+        if job is None:
+            return None
+        return self.process(job)
+
+    def process(self, job: ClaimedJob) -> JobOutcome:
+        """Process a claimed job to its end state (done, skipped, retry or failed)."""
+        from inference.volume import SeriesSkipped
+
+        logger.info("job %s: series %s, attempt %d", job.id, job.series_id, job.attempts)
+        with _Heartbeat(self.index, job.id, self.claimed_by, self.settings.jobs.heartbeat_seconds):
+            try:
+                return self._analyse(job)
+            except SeriesSkipped as exc:
+                return self._finish_skipped(job, exc.reason)
+            except JobAbandoned as exc:
+                logger.warning("job %s abandoned: %s", job.id, exc)
+                return JobOutcome(job.id, "abandoned", [], str(exc))
+            except (
+                Exception
+            ) as exc:  # any failure of model/encoder/IO is recorded on the job and retried
+                logger.exception("job %s failed", job.id)
+                return self._finish_failed(job, f"{type(exc).__name__}: {exc}")
+
+    def _series_files(self, series_id: int) -> tuple[list[str], set[str]]:
+        with self.index.session(readonly=True) as session:
+            rows = session.execute(
+                select(Instance.path, Instance.calling_ae)
+                .where(Instance.series_id == series_id)
+                .order_by(Instance.instance_number, Instance.sop_instance_uid)
+            ).all()
+        return [str(r[0]) for r in rows], {str(r[1]) for r in rows if r[1]}
+
+    def _analyse(self, job: ClaimedJob) -> JobOutcome:
+        from inference.volume import SeriesSkipped, load_volume
+        from node.results import encode_results
+
+        paths, calling_aets = self._series_files(job.series_id)
+        if not paths:
+            raise SeriesSkipped("no instances in the archive")
+        datasets = [dcmread(p) for p in paths]
+        volume = load_volume(datasets)
+        started = time.perf_counter()
+        findings = self.predictor.predict(volume, explain=True)
+        inference_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        objects = encode_results(findings, volume.datasets, hu=volume.hu)
+        files = write_result_files(self.results_root / str(job.id), objects)
+        encoding_seconds = time.perf_counter() - started
+        destinations = destinations_for(self.settings, calling_aets)
+        now = utcnow()
+        with self.index.session() as session:
+            row = self._own(session, job)
+            series = session.get(Series, job.series_id)
+            assert series is not None
+            newer = session.execute(
+                select(Job.id).where(
+                    Job.series_id == job.series_id,
+                    Job.id > job.id,
+                    Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.DONE]),
+                )
+            ).first()
+            if newer is not None:
+                row.state = JobState.SUPERSEDED
+                row.finished_at = now
+                row.error = f"superseded by job {newer[0]} before it finished"
+                shutil.rmtree(self.results_root / str(job.id), ignore_errors=True)
+                return JobOutcome(job.id, "superseded", [], row.error)
+            session.execute(
+                update(Result)
+                .where(Result.series_id == job.series_id, Result.job_id != job.id)
+                .values(superseded=True)
+                .execution_options(synchronize_session=False)
+            )
+            session.execute(
+                update(Job)
+                .where(
+                    Job.series_id == job.series_id,
+                    Job.id < job.id,
+                    Job.state == JobState.DONE,
+                )
+                .values(state=JobState.SUPERSEDED)
+                .execution_options(synchronize_session=False)
+            )
+            for ds, path in zip(objects, files, strict=True):
+                result = Result(
+                    job_id=job.id,
+                    series_id=job.series_id,
+                    kind=_kind(ds),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                    path=str(path),
+                    superseded=False,
+                    created_at=now,
+                )
+                session.add(result)
+                session.flush()
+                for name in destinations:
+                    session.add(
+                        Delivery(
+                            result_id=result.id,
+                            destination=name,
+                            state=DeliveryState.PENDING,
+                            attempts=0,
+                            created_at=now,
+                        )
+                    )
+            series.hemorrhage = bool(findings.hemorrhage_present)
+            series.hemorrhage_probability = float(findings.hemorrhage_probability)
+            series.status = SeriesStatus.DONE
+            series.reason = None
+            row.state = JobState.DONE
+            row.finished_at = now
+            row.error = None
+            row.inference_seconds = inference_seconds
+            row.encoding_seconds = encoding_seconds
+        logger.info(
+            "job %s done: hemorrhage=%s, %d objects, %d deliveries (inference %.2f s, encoding %.2f s)",
+            job.id,
+            findings.hemorrhage_present,
+            len(files),
+            len(files) * len(destinations),
+            inference_seconds,
+            encoding_seconds,
+        )
+        return JobOutcome(job.id, "done", [str(p) for p in files])
+
+    def _own(self, session: Any, job: ClaimedJob) -> Job:
+        row = session.get(Job, job.id)
+        if row is None or row.state != JobState.RUNNING or row.claimed_by != self.claimed_by:
+            raise JobAbandoned(f"job {job.id} is no longer claimed by {self.claimed_by}")
+        return row  # type: ignore[no-any-return]
+
+    def _finish_skipped(self, job: ClaimedJob, reason: str) -> JobOutcome:
+        with self.index.session() as session:
+            row = self._own(session, job)
+            row.state = JobState.DONE
+            row.finished_at = utcnow()
+            row.error = f"skipped: {reason}"
+            series = session.get(Series, job.series_id)
+            if series is not None:
+                series.status = SeriesStatus.SKIPPED
+                series.reason = reason
+        logger.info("job %s: series skipped: %s", job.id, reason)
+        return JobOutcome(job.id, "skipped", [], reason)
+
+    def _finish_failed(self, job: ClaimedJob, reason: str) -> JobOutcome:
+        jobs = self.settings.jobs
+        with self.index.session() as session:
+            try:
+                row = self._own(session, job)
+            except JobAbandoned:
+                return JobOutcome(job.id, "abandoned", [], reason)
+            row.error = reason
+            series = session.get(Series, job.series_id)
+            if row.attempts >= jobs.max_attempts:
+                row.state = JobState.FAILED
+                row.finished_at = utcnow()
+                if series is not None:
+                    series.status = SeriesStatus.FAILED
+                    series.reason = f"analysis failed after {row.attempts} attempts: {reason}"
+                return JobOutcome(job.id, "failed", [], reason)
+            wait = jobs.retry_backoff_seconds * 2 ** (row.attempts - 1)
+            row.state = JobState.QUEUED
+            row.claimed_by = None
+            row.not_before = utcnow() + dt.timedelta(seconds=wait)
+            if series is not None:
+                series.status = SeriesStatus.QUEUED
+                series.reason = f"attempt {row.attempts} failed, retry in {wait:.0f} s: {reason}"
+        return JobOutcome(job.id, "retry", [], reason)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphaned workers)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        logger.debug("prctl(PR_SET_PDEATHSIG) not available; relying on the parent check")
+
+
+def worker_main(
+    settings_data: dict[str, Any],
+    stop: multiprocessing.synchronize.Event,
+    ready: multiprocessing.synchronize.Event,
+    log_level: int,
+    poll_seconds: float,
+) -> None:
+    """Entry point of a worker process: load the model, then process jobs until ``stop``."""
+    _die_with_parent()
+    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
+    from inference.predictor import Predictor
+
+    settings = Settings(**settings_data)
+    index = Index(settings.storage.effective_database_url)
+    predictor = Predictor(
+        weights=settings.inference.weights or None, device=settings.inference.device
+    )
+    runner = JobRunner(settings, index, predictor)
+    ready.set()
+    logger.info("worker %s ready", runner.claimed_by)
+    while not stop.is_set() and os.getppid() == parent:
+        if runner.run_one() is None:
+            stop.wait(poll_seconds)
+    index.dispose()
+
+
+class WorkerPool:
+    """The worker processes of the node; restarts any that dies.
+
+    Parameters
+    ----------
+    settings : Settings
+        Passed to each worker (as plain data).
+    count : int
+        How many processes (``inference.workers``).
+    """
+
+    def __init__(self, settings: Settings, count: int, poll_seconds: float = 0.2) -> None:
+        self.settings = settings
+        self.count = count
+        self.poll_seconds = poll_seconds
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._processes: list[SpawnProcess] = []
+        self._ready: list[multiprocessing.synchronize.Event] = []
+
+    def _spawn(self) -> tuple[SpawnProcess, multiprocessing.synchronize.Event]:
+        ready = self._ctx.Event()
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(
+                self.settings.model_dump(mode="json"),
+                self._stop,
+                ready,
+                logging.getLogger().getEffectiveLevel(),
+                self.poll_seconds,
+            ),
+            name="ichnode-worker",
+            daemon=True,
+        )
+        process.start()
+        return process, ready
+
+    def start(self) -> None:
+        """Start the worker processes (they load the model in the background)."""
+        for _ in range(self.count):
+            process, ready = self._spawn()
+            self._processes.append(process)
+            self._ready.append(ready)
+        logger.info("started %d worker process(es)", self.count)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every worker loaded its model."""
+        deadline = time.monotonic() + timeout
+        return all(r.wait(max(0.0, deadline - time.monotonic())) for r in self._ready)
+
+    def check(self) -> int:
+        """Restart workers that died; return how many were restarted."""
+        if self._stop.is_set():
+            return 0
+        restarted = 0
+        for i, process in enumerate(self._processes):
+            if process.is_alive():
+                continue
+            logger.error(
+                "worker pid %s exited with %s; starting another", process.pid, process.exitcode
+            )
+            self._processes[i], self._ready[i] = self._spawn()
+            restarted += 1
+        return restarted
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers."""
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let the workers finish their current job, then stop them."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for process in self._processes:
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                logger.warning("worker pid %s did not stop in time; terminating", process.pid)
+                process.terminate()
+                process.join(5)
