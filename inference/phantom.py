@@ -1,27 +1,698 @@
 """Synthetic head-CT phantom with per-voxel labels of the five hemorrhage subtypes.
 
-CONTRACT (the implementation is being written; keep these names and fields).
+This module owns the phantom the team trains and tests on (no patient data):
+:func:`generate_case` draws one head (scalp, skull with both tables and diploe,
+grey and white matter, ventricles, sulci and cisterns, falx, dural sinuses,
+calcifications, skull-base streaks, noise) and paints 0-3 hemorrhages shaped as
+radiology describes them; :func:`write_series` writes a case as a real DICOM CT
+Image Storage series. Tissues, HU values and shapes are documented in
+``docs/PHANTOM.md``.
+
+Geometry: voxel (k, j, i) sits at x = (i - (m-1)/2) * px (patient left), y = (j -
+(m-1)/2) * px (posterior), z = z0 + k * dz (superior), so slice 0 is the most
+inferior one, as :func:`inference.volume.load_volume` orders slices. The head
+has its own frame (u left, v posterior, w superior) shifted and rotated in plane.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from inference.findings import SUBTYPES
+
+logger = logging.getLogger(__name__)
+
+# Tissue codes of ``PhantomCase.tissue``.
+AIR, SCALP, BONE, CSF, VENTRICLE, GREY, WHITE, BLOOD, OEDEMA, CALCIFICATION, VESSEL, FALX, SOFT = (
+    range(13)
+)
+TISSUES: dict[int, str] = {
+    AIR: "air",
+    SCALP: "scalp",
+    BONE: "bone",
+    CSF: "csf",
+    VENTRICLE: "ventricle",
+    GREY: "grey matter",
+    WHITE: "white matter",
+    BLOOD: "blood",
+    OEDEMA: "oedema",
+    CALCIFICATION: "calcification",
+    VESSEL: "vessel or dural sinus",
+    FALX: "falx",
+    SOFT: "soft tissue",
+}
+SLICE_THICKNESSES: tuple[float, ...] = (1.0, 1.25, 2.0, 2.5, 3.0, 5.0)
+
+_F32 = np.float32
 
 
 @dataclass
 class PhantomCase:
     """One generated head: ``hu`` float32 (z, y, x); ``labels`` bool (5, z, y, x) in
-    ``inference.findings.SUBTYPES`` order; ``spacing`` (dz, dy, dx) mm."""
+    ``inference.findings.SUBTYPES`` order; ``spacing`` (dz, dy, dx) mm.
+
+    ``tissue`` is uint8 (z, y, x) with the codes of :data:`TISSUES` (the tissue at
+    each voxel centre before blur and noise); ``volumes_ml`` the labelled volume of
+    each present subtype; ``slice_positions`` the z of each slice (mm).
+    """
 
     hu: np.ndarray
     labels: np.ndarray
     spacing: tuple[float, float, float]
     subtypes: tuple[str, ...]
     seed: int
+    tissue: np.ndarray | None = None
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    slice_positions: np.ndarray | None = None
+    noise_sd: float = 0.0
+
+
+@dataclass
+class _Anatomy:
+    """Random parameters of one head (mm in the head frame, HU)."""
+
+    scale: float
+    a: float  # outer semi-axes (scalp surface)
+    b: float
+    c: float
+    scalp: float
+    outer_table: float
+    diploe: float
+    inner_table: float
+    csf: float
+    cortex: float
+    vent: float
+    hu_outer: float
+    hu_diploe: float
+    hu_inner: float
+    hu_grey: float
+    hu_white: float
+    hu_csf: float
+
+    @property
+    def skull_inner(self) -> float:
+        """Depth of the inner table's inner surface below the scalp surface."""
+        return self.scalp + self.outer_table + self.diploe + self.inner_table
+
+
+class _Grid:
+    """Voxel coordinates in the head frame and boxes around head-frame points."""
+
+    def __init__(
+        self,
+        matrix: int,
+        px: float,
+        w: np.ndarray,
+        centre: tuple[float, float],
+        theta: float,
+    ) -> None:
+        self.matrix = matrix
+        self.px = px
+        self.w = w.astype(_F32)
+        self.dz = float(w[1] - w[0]) if len(w) > 1 else 1.0
+        self.cx, self.cy = centre
+        self.cos, self.sin = math.cos(theta), math.sin(theta)
+        axis = ((np.arange(matrix, dtype=_F32) - (matrix - 1) / 2.0) * px).astype(_F32)
+        self.x = axis
+        x = axis[None, :] - _F32(self.cx)
+        y = axis[:, None] - _F32(self.cy)
+        self.u = (self.cos * x + self.sin * y).astype(_F32)
+        self.v = (-self.sin * x + self.cos * y).astype(_F32)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Volume shape (z, y, x)."""
+        return (len(self.w), self.matrix, self.matrix)
+
+    def box(
+        self, centre: Sequence[float], radius: float
+    ) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
+        """Index box around head-frame ``centre`` and the (u, v, w) arrays in it."""
+        u0, v0, w0 = (float(c) for c in centre)
+        x0 = self.cx + self.cos * u0 - self.sin * v0
+        y0 = self.cy + self.sin * u0 + self.cos * v0
+        half = (self.matrix - 1) / 2.0
+
+        def span(c: float, step: float, size: int, offset: float) -> slice:
+            lo = max(0, math.floor((c - radius) / step + offset))
+            hi = min(size, math.ceil((c + radius) / step + offset) + 1)
+            return slice(lo, max(lo, hi))
+
+        sx = span(x0, self.px, self.matrix, half)
+        sy = span(y0, self.px, self.matrix, half)
+        sz = span(w0, self.dz, len(self.w), -float(self.w[0]) / self.dz)
+        if sx.start >= sx.stop or sy.start >= sy.stop or sz.start >= sz.stop:
+            return None
+        u = self.u[None, sy, sx]
+        v = self.v[None, sy, sx]
+        w = self.w[sz, None, None]
+        return (sz, sy, sx), u, v, w
+
+
+def _ellipsoid(
+    u: np.ndarray,
+    v: np.ndarray,
+    w: np.ndarray,
+    centre: Sequence[float],
+    semi: Sequence[float],
+) -> np.ndarray:
+    """Boolean mask of an axis-aligned ellipsoid in the head frame."""
+    q = ((u - centre[0]) / semi[0]) ** 2 + ((v - centre[1]) / semi[1]) ** 2
+    return np.asarray(q + ((w - centre[2]) / semi[2]) ** 2 <= 1.0)
+
+
+def _segment_distance(
+    u: np.ndarray, v: np.ndarray, w: np.ndarray, p0: Sequence[float], p1: Sequence[float]
+) -> np.ndarray:
+    """Distance of each point to the segment p0-p1 (head frame, mm)."""
+    d = np.asarray(p1, dtype=float) - np.asarray(p0, dtype=float)
+    length2 = float(d @ d)
+    du, dv, dw = u - p0[0], v - p0[1], w - p0[2]
+    t = np.clip((du * d[0] + dv * d[1] + dw * d[2]) / length2, 0.0, 1.0)
+    return np.asarray(np.sqrt((du - t * d[0]) ** 2 + (dv - t * d[1]) ** 2 + (dw - t * d[2]) ** 2))
+
+
+def _floor(v: np.ndarray, scale: float) -> np.ndarray:
+    """Height of the skull base under each (u, v): anterior, middle, posterior fossa."""
+    knots_v = np.array([-300.0, -32.0, -18.0, 6.0, 20.0, 300.0]) * scale
+    knots_w = np.array([-16.0, -16.0, -36.0, -36.0, -56.0, -56.0]) * scale
+    return np.interp(v, knots_v, knots_w).astype(_F32)
+
+
+def _draw_anatomy(rng: np.random.Generator, fov: float) -> _Anatomy:
+    scale = float(rng.uniform(0.86, 1.06))
+    b = 92.0 * scale * float(rng.uniform(0.96, 1.04))
+    b = min(b, fov / 2.0 - 14.0)
+    return _Anatomy(
+        scale=scale,
+        a=74.0 * scale * float(rng.uniform(0.94, 1.04)),
+        b=b,
+        c=82.0 * scale,
+        scalp=float(rng.uniform(3.5, 6.5)),
+        outer_table=float(rng.uniform(1.5, 2.5)),
+        diploe=float(rng.uniform(2.0, 4.5)),
+        inner_table=float(rng.uniform(1.2, 2.2)),
+        csf=float(rng.uniform(0.8, 2.5)),
+        cortex=float(rng.uniform(2.5, 4.0)),
+        vent=float(rng.uniform(0.75, 1.5)),
+        hu_outer=float(rng.uniform(1500.0, 2000.0)),
+        hu_diploe=float(rng.uniform(700.0, 1000.0)),
+        hu_inner=float(rng.uniform(1400.0, 1900.0)),
+        hu_grey=float(rng.uniform(35.0, 45.0)),
+        hu_white=float(rng.uniform(22.0, 30.0)),
+        hu_csf=float(rng.uniform(2.0, 12.0)),
+    )
+
+
+def _layers(an: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints (depth below the scalp surface, mm) and HU of each layer."""
+    d = [0.0, 1.2, an.scalp - 1.2]
+    hu = [-1000.0, 40.0, -80.0, 40.0]
+    depth = an.scalp
+    for thick, value in (
+        (an.outer_table, an.hu_outer),
+        (an.diploe, an.hu_diploe),
+        (an.inner_table, an.hu_inner),
+        (an.csf, an.hu_csf),
+        (an.cortex, an.hu_grey),
+    ):
+        d.append(depth)
+        hu.append(value)
+        depth += thick
+    d.append(depth)
+    hu.append(an.hu_white)
+    return np.array(d), np.array(hu)
+
+
+def _profile_mean(
+    depth: np.ndarray, footprint: np.ndarray, breaks: np.ndarray, values: np.ndarray
+) -> np.ndarray:
+    """Mean HU of the layered profile over ``depth +- footprint/2`` (partial volume)."""
+    far = 1.0e4
+    knots = np.concatenate(([-far], breaks, [far]))
+    # Cumulative integral of the piecewise-constant profile, exact at the knots.
+    seg = np.diff(knots) * values
+    cum = np.concatenate(([0.0], np.cumsum(seg)))
+    half = footprint * _F32(0.5)
+    upper = np.interp(depth + half, knots, cum)
+    lower = np.interp(depth - half, knots, cum)
+    return ((upper - lower) / footprint).astype(_F32)
+
+
+def _head(
+    grid: _Grid, an: _Anatomy, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scalp, skull, brain surface, sulci and fissures.
+
+    Returns ``hu``, ``tissue``, ``dd`` (depth into the cranial cavity below the
+    inner table or above the skull base, mm; negative outside) and the hemisphere
+    side mask helper ``u`` broadcast (1, y, x).
+    """
+    u, v, w = grid.u[None], grid.v[None], grid.w[:, None, None]
+    a2, b2, c2 = an.a**2, an.b**2, an.c**2
+    qc = (w / an.c) ** 2
+    r2 = (u / an.a) ** 2 + (v / an.b) ** 2 + qc
+    g2 = (u / a2) ** 2 + (v / b2) ** 2 + (w / c2) ** 2 + _F32(1e-12)
+    r = np.sqrt(r2)
+    inv_g = _F32(1.0) / np.sqrt(g2)
+    d_ell = (_F32(1.0) - r) * r * inv_g  # approximate distance below the scalp surface
+    nz2 = (w / c2) ** 2 / g2
+    px2, dz2 = grid.px**2, grid.dz**2
+    footprint = np.sqrt(px2 + (dz2 - px2) * nz2)
+    si = an.skull_inner
+    above_floor = w - _floor(grid.v, an.scale)[None]
+    floor_depth = si + above_floor
+    from_floor = (floor_depth < d_ell) & (d_ell > si)
+    depth = np.where(from_floor, floor_depth, d_ell)
+    footprint = np.where(from_floor, _F32(grid.dz), footprint)
+    # Below the floor the skull base is solid bone (diploe-like), then soft tissue.
+    in_base = from_floor & (above_floor < 0) & (d_ell > si)
+    base_bone = _F32(si - an.inner_table - 0.5 * an.diploe)
+    depth = np.where(in_base, np.maximum(depth, base_bone), depth).astype(_F32)
+    breaks, values = _layers(an)
+    hu = _profile_mean(depth, footprint.astype(_F32), breaks, values)
+    dd = (depth - _F32(si)).astype(_F32)
+    dd[in_base] = -1.0
+
+    tissue = np.full(grid.shape, WHITE, dtype=np.uint8)
+    tissue[dd < an.csf + an.cortex] = GREY
+    tissue[dd < an.csf] = CSF
+    tissue[dd < 0] = BONE
+    tissue[depth < an.scalp] = SCALP
+    tissue[depth < 0] = AIR
+    base_soft = in_base & (above_floor < -10.0 * an.scale) & (d_ell > an.scalp + an.outer_table)
+    hu[base_soft] = 40.0
+    tissue[base_soft] = SOFT
+
+    # Sulci: two interleaved sinusoidal families on the cortex, deeper with atrophy.
+    phi = np.arctan2(grid.v / an.b, grid.u / an.a)[None]
+    elev = (w / an.c).astype(_F32)
+    k1, k2 = float(rng.uniform(9, 14)), float(rng.uniform(6, 10))
+    p = rng.uniform(0, 2 * np.pi, size=4)
+    s1 = np.abs(
+        np.sin(_F32(k1) * phi + _F32(1.6) * np.sin(_F32(5.0) * elev + _F32(p[0])) + _F32(p[1]))
+    )
+    s2 = np.abs(
+        np.sin(
+            _F32(k2 * np.pi / 2) * elev
+            + _F32(1.2) * np.sin(_F32(4.0) * phi + _F32(p[2]))
+            + _F32(p[3])
+        )
+    )
+    s = np.minimum(s1, s2)
+    sulc_depth = float(rng.uniform(8.0, 16.0))
+    width = float(rng.uniform(0.10, 0.18)) * an.vent
+    brain_surface = (dd >= an.csf) & (dd < sulc_depth) & (above_floor > 4.0)
+    lining = brain_surface & (s < width + 0.25)
+    hu[lining & (tissue == WHITE)] = an.hu_grey
+    tissue[lining & (tissue == WHITE)] = GREY
+    sulcus = brain_surface & (s < width) & (dd < sulc_depth - 2.0)
+    hu[sulcus] = an.hu_csf
+    tissue[sulcus] = CSF
+
+    # Sylvian fissures (lateral) and the interhemispheric fissure with the falx.
+    # Each fissure is an oblique sheet running from the lateral surface anteromedially.
+    tilt = _F32(math.tan(math.radians(float(rng.uniform(25.0, 40.0)))))
+    sheet = np.abs(np.abs(u) * tilt + v + _F32(0.15 * an.b) - _F32(0.6 * an.a) * tilt)
+    sylvian = (
+        (sheet < 1.0 + 0.7 * an.vent)
+        & (np.abs(u) > 0.35 * an.a)
+        & (w > -30.0 * an.scale)
+        & (w < 6.0 * an.scale)
+        & (dd > 0)
+        & (dd < 26.0)
+    )
+    hu[sylvian] = an.hu_csf
+    tissue[sylvian] = CSF
+    fissure_w = 0.8 + 0.6 * an.vent
+    midline = np.abs(u) < fissure_w
+    deep_fissure = (dd > 0) & ((dd < 38.0) | (np.abs(v) > 0.5 * an.b)) & (w > -12.0 * an.scale)
+    fissure = midline & deep_fissure
+    hu[fissure] = an.hu_csf
+    tissue[fissure] = CSF
+    return hu, tissue, dd, u
+
+
+def _paint_deep(
+    grid: _Grid, an: _Anatomy, hu: np.ndarray, tissue: np.ndarray, dd: np.ndarray
+) -> None:
+    """Deep grey nuclei, brainstem, cisterns and ventricles (in this order)."""
+    s = an.scale
+    vf = an.vent
+
+    def paint(centre: Sequence[float], semi: Sequence[float], value: float, code: int) -> None:
+        centre = [c * s for c in centre]
+        semi = [x * s for x in semi]
+        box = grid.box(centre, max(semi))
+        if box is None:
+            return
+        sl, u, v, w = box
+        m = _ellipsoid(u, v, w, centre, semi) & (dd[sl] > 0)
+        hu[sl][m] = value
+        tissue[sl][m] = code
+
+    grey, white, csf = an.hu_grey, an.hu_white, an.hu_csf
+    for side in (-1.0, 1.0):
+        paint((side * 15, -20, 8), (5, 9, 8), grey - 2, GREY)  # caudate head
+        paint((side * 23, -5, 0), (6, 13, 9), grey - 3, GREY)  # lentiform nucleus
+        paint((side * 10, 10, 2), (7, 11, 8), grey - 4, GREY)  # thalamus
+    paint((0, 10, -20), (15, 15, 5), csf, CSF)  # ambient / quadrigeminal cistern
+    paint((0, -12, -25), (11, 7, 4), csf, CSF)  # suprasellar cistern
+    paint((0, 8, -22), (10, 9, 7), white + 3, WHITE)  # midbrain
+    paint((0, -3, -43), (8, 5, 8), csf, CSF)  # prepontine cistern
+    paint((0, 10, -43), (11, 9, 10), white + 3, WHITE)  # pons
+    for centre, semi in _ventricle_parts(vf):
+        paint(centre, semi, csf, VENTRICLE)
+
+
+def _ventricle_parts(vf: float) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Ellipsoids (centre, semi-axes; unit head scale) making up the ventricles."""
+    parts: list[tuple[tuple[float, ...], tuple[float, ...]]] = []
+    for side in (-1.0, 1.0):
+        parts += [
+            ((side * (8 + 3 * vf), -28, 10), (4.0 * vf, 13, 8 * vf)),  # frontal horn
+            ((side * (9 + 4 * vf), -5, 17), (4.5 * vf, 22, 5 * vf)),  # body
+            ((side * (14 + 4 * vf), 20, 10), (6.0 * vf, 9, 7 * vf)),  # atrium
+            ((side * (14 + 3 * vf), 35, 6), (3.5 * vf, 12, 4.5 * vf)),  # occipital horn
+            ((side * 28, 0, -18), (2.5 * vf, 12, 3 * vf)),  # temporal horn
+        ]
+    parts += [
+        ((0, -2, -2), (1.5 * vf, 14, 10)),  # third ventricle
+        ((0, 30, -45), (5 * vf, 3.5 * vf, 6)),  # fourth ventricle
+    ]
+    return parts
+
+
+def _paint_confounders(
+    grid: _Grid,
+    an: _Anatomy,
+    hu: np.ndarray,
+    tissue: np.ndarray,
+    dd: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Falx, dural sinuses, dense vessels, calcifications: bright but not blood."""
+    s = an.scale
+    u, v, w = grid.u[None], grid.v[None], grid.w[:, None, None]
+    intracranial = dd > 0
+    # Falx: a thin dense sheet in the interhemispheric fissure.
+    falx_hu = float(rng.uniform(50.0, 90.0))
+    falx = (np.abs(u) < 0.6) & intracranial & ((dd < 36.0) | (np.abs(v) > 0.5 * an.b))
+    falx &= w > -10.0 * s
+    hu[falx] = falx_hu
+    tissue[falx] = FALX
+    if rng.random() < 0.3:  # calcified falx plaque
+        box = grid.box((0.0, float(rng.uniform(-40, 20)) * s, float(rng.uniform(20, 45)) * s), 6)
+        if box is not None:
+            sl, bu, bv, bw = box
+            m = (tissue[sl] == FALX) & (np.abs(bv - bv.mean()) < 5)
+            hu[sl][m] = float(rng.uniform(150, 400))
+            tissue[sl][m] = CALCIFICATION
+    # Superior sagittal sinus: triangle on the midline under the inner table.
+    sinus_hu = float(rng.uniform(58.0, 72.0))
+    sss_depth = 7.0 * s
+    sss = intracranial & (dd < sss_depth) & (np.abs(u) < (sss_depth - dd) * 0.7)
+    sss &= (w > -30.0 * s) & ((w > 0) | (v > 0))
+    hu[sss] = sinus_hu
+    tissue[sss] = VESSEL
+    # Transverse sinuses along the occipital inner table at the tentorium level.
+    w_ts = -33.0 * s
+    ts = intracranial & (dd < 5.5) & (np.abs(w - w_ts - 0.06 * np.abs(u)) < 3.5) & (v > 0.2 * an.b)
+    hu[ts] = sinus_hu
+    tissue[ts] = VESSEL
+    # Dense arteries: basilar and middle cerebral.
+    vessel_hu = float(rng.uniform(45.0, 70.0))
+    tubes = [((0.0, -9.0, -55.0), (0.0, -9.0, -26.0), 1.6)]
+    for side in (-1.0, 1.0):
+        tubes.append(((side * 8.0, -12.0, -24.0), (side * 42.0, -6.0, -14.0), 1.4))
+    for p0, p1, radius in tubes:
+        p0s = [c * s for c in p0]
+        p1s = [c * s for c in p1]
+        mid = [(a + b) / 2 for a, b in zip(p0s, p1s, strict=True)]
+        half = math.dist(p0s, p1s) / 2 + radius
+        box = grid.box(mid, half)
+        if box is None:
+            continue
+        sl, bu, bv, bw = box
+        m = (_segment_distance(bu, bv, bw, p0s, p1s) < radius) & (dd[sl] > 0)
+        hu[sl][m] = vessel_hu
+        tissue[sl][m] = VESSEL
+    # Calcified pineal gland and choroid plexus (usual in adults).
+    calcs: list[tuple[tuple[float, float, float], float]] = []
+    if rng.random() < 0.75:
+        calcs.append(((0.0, 19.0, 1.0), float(rng.uniform(1.5, 3.5))))
+    if rng.random() < 0.65:
+        for side in (-1.0, 1.0):
+            calcs.append(((side * (14 + 4 * an.vent), 21.0, 9.0), float(rng.uniform(1.5, 3.5))))
+    for centre, radius in calcs:
+        cs = [c * s for c in centre]
+        box = grid.box(cs, radius)
+        if box is None:
+            continue
+        sl, bu, bv, bw = box
+        m = _ellipsoid(bu, bv, bw, cs, (radius, radius, radius))
+        hu[sl][m] = float(rng.uniform(110.0, 500.0))
+        tissue[sl][m] = CALCIFICATION
+
+
+def _paint_streaks(grid: _Grid, an: _Anatomy, hu: np.ndarray, rng: np.random.Generator) -> None:
+    """Beam-hardening streaks between the petrous bones near the skull base."""
+    s = an.scale
+    w_pet = -38.0 * s
+    amp = float(rng.uniform(15.0, 60.0))
+    ends = [(-24.0 * s, 18.0 * s), (24.0 * s, 18.0 * s)]
+    angles = rng.uniform(-0.5, 0.5, size=(len(ends), 2))
+    signs = rng.choice([-1.0, 1.0], size=(len(ends), 2))
+    head = hu > -500
+    for k, wk in enumerate(grid.w):
+        fall = math.exp(-(((wk - w_pet) / (5.0 * s)) ** 2))
+        if fall < 0.05:
+            continue
+        img = np.zeros((grid.matrix, grid.matrix), dtype=_F32)
+        for e, (eu, ev) in enumerate(ends):
+            for n in range(angles.shape[1]):
+                ang = angles[e, n] + (0.0 if n % 2 else np.pi / 2)
+                dist = np.abs((grid.u - eu) * math.sin(ang) - (grid.v - ev) * math.cos(ang))
+                img += _F32(signs[e, n]) * np.exp(-((dist / 1.2) ** 2)).astype(_F32)
+        hu[k] += np.where(head[k], _F32(amp * fall) * img, _F32(0.0))
+
+
+def _log_volume(rng: np.random.Generator) -> float:
+    """Target lesion volume (mL): from ~0.2 to over 30, median ~5, most >= 1."""
+    return float(np.clip(math.exp(rng.normal(math.log(5.0), 1.0)), 0.15, 80.0))
+
+
+def _surface_point(an: _Anatomy, phi: float, w0: float) -> tuple[float, float, float]:
+    """Point on the inner table at azimuth ``phi`` (0 = left, pi/2 = posterior), height w0."""
+    si = an.skull_inner
+    a_in, b_in, c_in = an.a - si, an.b - si, an.c - si
+    rho = math.sqrt(max(0.05, 1.0 - (w0 / c_in) ** 2))
+    return (a_in * rho * math.cos(phi), b_in * rho * math.sin(phi), w0)
+
+
+class _Painter:
+    """Paints hemorrhages; each subtype's label is exactly the voxels it painted."""
+
+    def __init__(
+        self,
+        grid: _Grid,
+        an: _Anatomy,
+        hu: np.ndarray,
+        tissue: np.ndarray,
+        dd: np.ndarray,
+        rng: np.random.Generator,
+    ) -> None:
+        self.grid, self.an, self.hu, self.tissue, self.dd, self.rng = grid, an, hu, tissue, dd, rng
+        self.labels = np.zeros((len(SUBTYPES), *grid.shape), dtype=bool)
+
+    def _slab_height(self) -> float:
+        w = self.grid.w
+        lo = max(float(w[0]), -12.0 * self.an.scale)
+        hi = min(float(w[-1]), (self.an.c - self.an.skull_inner) * 0.75)
+        if lo > hi:
+            return float(np.clip((float(w[0]) + float(w[-1])) / 2, -30.0, 40.0))
+        return float(self.rng.uniform(lo, hi))
+
+    def _commit(
+        self, name: str, sl: tuple[slice, slice, slice], m: np.ndarray, value: float
+    ) -> bool:
+        free = ~np.asarray(self.labels.any(axis=0))[sl]
+        m = m & free
+        if not m.any():
+            return False
+        k = SUBTYPES.index(name)
+        self.labels[k][sl] |= m
+        self.hu[sl][m] = value
+        self.tissue[sl][m] = BLOOD
+        return True
+
+    def blood_hu(self) -> float:
+        return float(self.rng.uniform(55.0, 85.0))
+
+    def epidural(self, volume_ml: float) -> bool:
+        rng = self.rng
+        k = float(rng.uniform(2.0, 3.2))
+        thick = (2000.0 * volume_ml / (math.pi * k * k)) ** (1.0 / 3.0)
+        radius = k * thick
+        side = 0.0 if rng.random() < 0.5 else math.pi
+        phi = side + float(rng.uniform(-1.1, 1.1))
+        centre = _surface_point(self.an, phi, self._slab_height())
+        box = self.grid.box(centre, radius + 3.0)
+        if box is None:
+            return False
+        sl, u, v, w = box
+        dd = self.dd[sl]
+        dist2 = (u - centre[0]) ** 2 + (v - centre[1]) ** 2 + (w - centre[2]) ** 2
+        s2 = np.maximum(dist2 - dd**2, 0.0)
+        m = (dd >= 0) & (dd < thick * (1.0 - s2 / radius**2))
+        return self._commit("epidural", sl, m, self.blood_hu())
+
+    def subdural(self, volume_ml: float) -> bool:
+        rng = self.rng
+        radius = float(rng.uniform(30.0, 70.0)) * self.an.scale
+        thick = 1500.0 * volume_ml / (math.pi * radius**2)
+        if thick < 2.0 or thick > 18.0:
+            thick = float(np.clip(thick, 2.0, 18.0))
+            radius = math.sqrt(1500.0 * volume_ml / (math.pi * thick))
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        phi = (0.0 if side > 0 else math.pi) + float(rng.uniform(-0.7, 0.7))
+        centre = _surface_point(self.an, phi, self._slab_height())
+        box = self.grid.box(centre, radius + 3.0)
+        if box is None:
+            return False
+        sl, u, v, w = box
+        dd = self.dd[sl]
+        dist2 = (u - centre[0]) ** 2 + (v - centre[1]) ** 2 + (w - centre[2]) ** 2
+        s2 = np.maximum(dist2 - dd**2, 0.0)
+        profile = np.sqrt(np.maximum(1.0 - s2 / radius**2, 0.0))
+        m = (dd >= 0) & (dd < thick * profile) & (u * side > 1.5)  # never across the midline
+        return self._commit("subdural", sl, m, float(rng.uniform(50.0, 80.0)))
+
+    def intraparenchymal(self, volume_ml: float) -> bool:
+        rng = self.rng
+        an = self.an
+        r0 = (3000.0 * volume_ml / (4.0 * math.pi)) ** (1.0 / 3.0)
+        semi = np.array(rng.uniform(0.75, 1.3, size=3))
+        semi = semi / np.prod(semi) ** (1.0 / 3.0) * r0
+        centre: tuple[float, float, float] | None = None
+        for _ in range(60):
+            if rng.random() < 0.5:  # hypertensive: basal ganglia / thalamus
+                cand = (
+                    float(rng.choice([-1.0, 1.0]) * rng.uniform(10, 28) * an.scale),
+                    float(rng.uniform(-15, 15) * an.scale),
+                    self._slab_height(),
+                )
+            else:  # lobar
+                phi = float(rng.uniform(0, 2 * math.pi))
+                surf = _surface_point(an, phi, self._slab_height())
+                depth = float(rng.uniform(0.35, 0.7))
+                cand = (surf[0] * depth, surf[1] * depth, surf[2])
+            box = self.grid.box(cand, 0.0)
+            if box is None:
+                continue
+            sl, *_ = box
+            if float(self.dd[sl].min()) > 3.0 and self.tissue[sl].max() in (GREY, WHITE):
+                centre = cand
+                break
+        if centre is None:
+            return False
+        lobes = rng.uniform(-0.22, 0.22, size=3)
+        freq = rng.integers(2, 5, size=3)
+        phase = rng.uniform(0, 2 * math.pi, size=3)
+        rim = float(rng.uniform(1.5, 5.0))
+        box = self.grid.box(centre, float(semi.max()) * 1.3 + rim + 1.0)
+        if box is None:
+            return False
+        sl, u, v, w = box
+        du, dv, dw = (u - centre[0]) / semi[0], (v - centre[1]) / semi[1], (w - centre[2]) / semi[2]
+        rho = np.sqrt(du**2 + dv**2 + dw**2)
+        az = np.arctan2(dv, du)
+        el = np.arctan2(dw, np.sqrt(du**2 + dv**2))
+        bumpy = 1.0 + lobes[0] * np.sin(freq[0] * az + phase[0])
+        bumpy = (
+            bumpy
+            + lobes[1] * np.sin(freq[1] * el + phase[1])
+            + lobes[2] * np.cos(freq[2] * (az + el) + phase[2])
+        )
+        parenchyma = np.isin(self.tissue[sl], (GREY, WHITE, CSF, VESSEL)) & (self.dd[sl] > 1.0)
+        m = (rho < bumpy) & parenchyma
+        if not self._commit("intraparenchymal", sl, m, self.blood_hu()):
+            return False
+        oedema = (rho < bumpy * (1.0 + rim / r0)) & ~m & np.isin(self.tissue[sl], (GREY, WHITE))
+        self.hu[sl][oedema] = float(rng.uniform(10.0, 19.0))
+        self.tissue[sl][oedema] = OEDEMA
+        return True
+
+    def intraventricular(self, volume_ml: float) -> bool:
+        rng = self.rng
+        s = self.an.scale
+        vent = self.tissue == VENTRICLE
+        if not vent.any():
+            return False
+        y = np.broadcast_to(
+            (self.grid.sin * self.grid.u + self.grid.cos * self.grid.v)[None], vent.shape
+        )
+        if rng.random() < 0.25:  # cast of one lateral ventricle
+            side = 1.0 if rng.random() < 0.5 else -1.0
+            u = np.broadcast_to(self.grid.u[None], vent.shape)
+            m = vent & (u * side > 2.0 * s)
+            if not m.any():
+                m = vent
+            return self._commit("intraventricular", (slice(None),) * 3, m, self.blood_hu())
+        # Layering in the dependent (posterior) parts; gravity is along image +y.
+        posterior = vent & (np.broadcast_to(self.grid.v[None], vent.shape) > 12.0 * s)
+        pool = posterior if posterior.any() else vent
+        if rng.random() < 0.4:  # one side only
+            side = 1.0 if rng.random() < 0.5 else -1.0
+            one = pool & (np.broadcast_to(self.grid.u[None], vent.shape) * side > 0)
+            pool = one if one.any() else pool
+        ys = y[pool]
+        voxel_ml = self.grid.px**2 * self.grid.dz / 1000.0
+        frac = float(np.clip(volume_ml / (ys.size * voxel_ml), 0.08, 0.85))
+        level = float(np.quantile(ys, 1.0 - frac))
+        m = pool & (y >= level)
+        return self._commit("intraventricular", (slice(None),) * 3, m, self.blood_hu())
+
+    def subarachnoid(self, volume_ml: float) -> bool:
+        rng = self.rng
+        an = self.an
+        csf = self.tissue == CSF
+        if not csf.any():
+            return False
+        w = self.grid.w
+        basal_level = -22.0 * an.scale
+        covers_base = float(w[0]) < basal_level + 6 and float(w[-1]) > basal_level - 6
+        if covers_base and rng.random() < 0.5:
+            centre: tuple[float, float, float] = (0.0, -8.0 * an.scale, basal_level)
+            frac = 0.35
+        else:
+            phi = float(rng.uniform(0, 2 * math.pi))
+            surf = _surface_point(an, phi, self._slab_height())
+            centre = (surf[0] * 0.95, surf[1] * 0.95, surf[2])
+            frac = 0.12
+        radius = float(np.clip((3000.0 * volume_ml / (4 * math.pi * frac)) ** (1 / 3), 8.0, 50.0))
+        box = self.grid.box(centre, radius)
+        if box is None:
+            return False
+        sl, u, v, ww = box
+        dist2 = (u - centre[0]) ** 2 + (v - centre[1]) ** 2 + (ww - centre[2]) ** 2
+        m = csf[sl] & (dist2 < radius**2) & (self.dd[sl] > 1.0)
+        return self._commit("subarachnoid", sl, m, float(rng.uniform(50.0, 80.0)))
+
+
+def _blur_inplane(a: np.ndarray) -> np.ndarray:
+    """[1, 2, 1]/4 along y and x (the reconstruction kernel's in-plane blur)."""
+    out = a.copy()
+    out[:, 1:-1, :] = 0.25 * a[:, :-2, :] + 0.5 * a[:, 1:-1, :] + 0.25 * a[:, 2:, :]
+    b = out.copy()
+    out[:, :, 1:-1] = 0.25 * b[:, :, :-2] + 0.5 * b[:, :, 1:-1] + 0.25 * b[:, :, 2:]
+    return out
 
 
 def generate_case(
@@ -31,10 +702,111 @@ def generate_case(
     matrix: int = 256,
     subtypes: Sequence[str] | None = None,
     slice_thickness: float | None = None,
+    noise_sd: float | None = None,
+    fov: float | None = None,
 ) -> PhantomCase:
-    """Generate one head. ``subtypes=None`` draws them at random (about half the
-    cases negative); an empty sequence gives a negative case."""
-    raise NotImplementedError
+    """Generate one head.
+
+    Parameters
+    ----------
+    seed
+        Everything is drawn from ``numpy.random.default_rng(seed)``.
+    n_slices, matrix
+        Volume shape ``(n_slices, matrix, matrix)``.
+    subtypes
+        ``None`` draws them (about half the cases negative, positives with 1-3
+        subtypes); an empty sequence gives a negative case.
+    slice_thickness
+        Slice thickness and spacing in mm; ``None`` draws one of
+        :data:`SLICE_THICKNESSES`.
+    noise_sd
+        Standard deviation of the image noise in HU; ``None`` draws 3-12.
+    fov
+        Field of view in mm; ``None`` draws 220-250. Pixel spacing is fov / matrix.
+
+    Returns
+    -------
+    PhantomCase
+    """
+    if n_slices < 1 or matrix < 16:
+        raise ValueError("n_slices must be >= 1 and matrix >= 16")
+    rng = np.random.default_rng(seed)
+    if subtypes is None:
+        if rng.random() < 0.5:
+            chosen: tuple[str, ...] = ()
+        else:
+            count = int(rng.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
+            picked = set(rng.choice(len(SUBTYPES), size=count, replace=False).tolist())
+            chosen = tuple(name for i, name in enumerate(SUBTYPES) if i in picked)
+    else:
+        unknown = [name for name in subtypes if name not in SUBTYPES]
+        if unknown:
+            raise ValueError(f"unknown subtype(s) {unknown}; expected some of {list(SUBTYPES)}")
+        chosen = tuple(name for name in SUBTYPES if name in set(subtypes))
+    fov = float(fov) if fov is not None else float(rng.uniform(220.0, 250.0))
+    dz = (
+        float(slice_thickness)
+        if slice_thickness is not None
+        else float(rng.choice(SLICE_THICKNESSES))
+    )
+    if dz <= 0:
+        raise ValueError("slice_thickness must be positive")
+    sd = float(noise_sd) if noise_sd is not None else float(rng.uniform(3.0, 12.0))
+    an = _draw_anatomy(rng, fov)
+    px = fov / matrix
+
+    # The slab: whole head when it fits, otherwise a part that crosses the ventricles
+    # when an intraventricular bleed is asked for, else anywhere in the cranium.
+    height = dz * n_slices
+    top, bottom = an.c - 4.0, -62.0 * an.scale
+    if height >= top - bottom:
+        mid = (top + bottom) / 2.0
+    elif "intraventricular" in chosen:
+        mid = float(rng.uniform(2.0, 18.0)) * an.scale
+    else:
+        mid = float(rng.uniform(max(bottom + height / 2, -30.0), min(top - height / 2, 45.0)))
+    w = (mid + (np.arange(n_slices) - (n_slices - 1) / 2.0) * dz).astype(np.float64)
+    margin = max(2.0, fov / 2.0 - an.b - 6.0)
+    centre = (float(rng.uniform(-margin, margin)) * 0.6, float(rng.uniform(-margin, margin)) * 0.6)
+    theta = math.radians(float(rng.uniform(-15.0, 15.0)))
+    grid = _Grid(matrix, px, w, centre, theta)
+
+    hu, tissue, dd, _ = _head(grid, an, rng)
+    _paint_deep(grid, an, hu, tissue, dd)
+    _paint_confounders(grid, an, hu, tissue, dd, rng)
+
+    painter = _Painter(grid, an, hu, tissue, dd, rng)
+    for name in chosen:
+        volume = _log_volume(rng)
+        paint = getattr(painter, name)
+        for attempt in range(12):
+            if paint(volume * (1.6 ** (attempt // 3))):
+                break
+        else:
+            raise ValueError(f"could not place a {name} bleed in this slab (seed {seed})")
+    _paint_streaks(grid, an, hu, rng)
+
+    hu = _blur_inplane(hu)
+    if sd > 0:
+        noise = rng.standard_normal(grid.shape, dtype=_F32)
+        noise = _blur_inplane(noise)
+        noise *= _F32(sd / 0.375)
+        hu += noise
+    labels = painter.labels
+    voxel_ml = px * px * dz / 1000.0
+    volumes = {name: float(labels[SUBTYPES.index(name)].sum()) * voxel_ml for name in chosen}
+    z0 = float(rng.uniform(-60.0, 60.0))
+    return PhantomCase(
+        hu=hu.astype(_F32, copy=False),
+        labels=labels,
+        spacing=(dz, px, px),
+        subtypes=chosen,
+        seed=seed,
+        tissue=tissue,
+        volumes_ml=volumes,
+        slice_positions=(z0 + w).astype(np.float64),
+        noise_sd=sd,
+    )
 
 
 def write_series(case: PhantomCase, out_dir: Path, **options: object) -> list[Path]:
