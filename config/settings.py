@@ -52,6 +52,7 @@ class NodeSettings(_Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     accept_any_caller: bool = False
     max_associations: int = Field(16, ge=1, le=1024)
+    shutdown_grace_seconds: float = Field(5.0, ge=0)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
 
@@ -74,6 +75,7 @@ class StorageSettings(_Section):
     root: Path = Path("ichnode-data")
     database_url: str = ""
     min_free_disk_mb: int = Field(2048, ge=0)
+    sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
 
     @property
     def effective_database_url(self) -> str:

@@ -32,12 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,7 +53,13 @@ from storage.models import (
     utcnow,
 )
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 logger = logging.getLogger(__name__)
+# Alembic (imported only when migrations run) logs a line per plugin and per context at INFO on every start; the
+# index logs the revision it reached itself.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
@@ -312,12 +314,16 @@ class Index:
     # -- lifecycle -----------------------------------------------------------
 
     def _alembic_config(self) -> AlembicConfig:
+        from alembic.config import Config as AlembicConfig
+
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         return cfg
 
     def upgrade(self, revision: str = "head") -> None:
         """Create or upgrade the schema with the Alembic migrations."""
+        from alembic import command
+
         cfg = self._alembic_config()
         with self._write_lock, self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
@@ -326,11 +332,15 @@ class Index:
 
     def current_revision(self) -> str | None:
         """Return the Alembic revision the database is at (``None`` when empty)."""
+        from alembic.runtime.migration import MigrationContext
+
         with self._read_engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
     def head_revision(self) -> str | None:
         """Return the newest revision the shipped migrations know."""
+        from alembic.script import ScriptDirectory
+
         return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
 
     def dispose(self) -> None:
