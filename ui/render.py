@@ -140,7 +140,9 @@ def composite(
     rgb = np.repeat(grey.astype(np.float32)[..., None] / 255.0, 3, axis=-1)
     if options.gradcam and gradcam is not None:
         if gradcam.shape != grey.shape:
-            raise ValueError(f"Grad-CAM shape {gradcam.shape} does not match the image {grey.shape}")
+            raise ValueError(
+                f"Grad-CAM shape {gradcam.shape} does not match the image {grey.shape}"
+            )
         heat = np.clip(np.asarray(gradcam, dtype=np.float32), 0.0, 1.0)
         alpha = (options.gradcam_opacity * heat)[..., None]
         rgb = rgb * (1.0 - alpha) + heat_colours(heat) * alpha

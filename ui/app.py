@@ -1,0 +1,5 @@
+"""Entry point of the web interface for ``streamlit run`` (see ``ichnode ui``)."""
+
+from ui.pages import main
+
+main()

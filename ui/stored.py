@@ -1,0 +1,266 @@
+"""A node series for the viewer: source images from the archive, findings from the stored SEG and SR.
+
+The node keeps each analysis as DICOM objects (``results`` rows pointing at
+files). This module reads them back: the TID 1500 SR gives the series and
+subtype decisions, probabilities and volumes (:func:`finding_from_sr`); the SEG
+gives the subtype masks (:func:`ui.series.masks_from_seg`). Per-slice
+probabilities and Grad-CAM are not stored by the node; the viewer recomputes
+them on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+
+from config import Settings
+from inference.findings import SUBTYPES, SubtypeFinding
+from inference.volume import SeriesSkipped, load_volume
+from node.results import SUBTYPE_CODES
+from storage.index import Index
+from ui.series import ViewerData, masks_from_seg
+from ui.worklist import ResultFile, StoredFinding, result_files
+
+logger = logging.getLogger(__name__)
+
+
+class SeriesUnavailable(RuntimeError):
+    """A node series the viewer cannot show as a volume; ``datasets`` are its readable headers."""
+
+    def __init__(self, reason: str, datasets: list[Dataset] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.datasets = datasets or []
+
+
+def _key(code: object) -> tuple[str, str]:
+    return (str(getattr(code, "scheme_designator", "")), str(getattr(code, "value", "")))
+
+
+def _item_code(item: Dataset, keyword: str) -> tuple[str, str] | None:
+    sequence = item.get(keyword)
+    if not sequence:
+        return None
+    return (str(sequence[0].CodingSchemeDesignator), str(sequence[0].CodeValue))
+
+
+_CONCEPTS: dict[tuple[str, str], str] = {_key(codes.SCT.IntracranialHemorrhage): "any"}
+_CONCEPTS.update({_key(code): name for name, code in SUBTYPE_CODES.items()})
+_PRESENT = _key(codes.SCT.Present)
+_ABSENT = _key(codes.SCT.Absent)
+_FINDING = _key(codes.DCM.Finding)
+_GROUP = _key(codes.DCM.MeasurementGroup)
+_VOLUME = _key(codes.SCT.Volume)
+_PROBABILITY = _key(codes.DCM.Probability)
+
+
+def _walk(items: Iterator[Dataset] | list[Dataset]) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def _number(item: Dataset) -> float | None:
+    sequence = item.get("MeasuredValueSequence")
+    if not sequence:
+        return None
+    try:
+        value = float(sequence[0].NumericValue)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def finding_from_sr(ds: Dataset) -> StoredFinding:
+    """Read the hemorrhage and subtype findings back from an ichnode TID 1500 SR.
+
+    Present/absent comes from the qualitative evaluations (one per concept);
+    probability and volume from the NUM items of the measurement group whose
+    Finding is that concept.
+
+    Raises
+    ------
+    ValueError
+        When ``ds`` is not a structured report or states nothing about hemorrhage.
+    """
+    if "ContentSequence" not in ds:
+        raise ValueError("not a structured report (no Content Sequence)")
+    presence: dict[str, bool] = {}
+    probability: dict[str, float] = {}
+    volume: dict[str, float] = {}
+    for item in _walk(ds.ContentSequence):
+        value_type = item.get("ValueType", "")
+        concept = _item_code(item, "ConceptNameCodeSequence")
+        if value_type == "CODE" and concept in _CONCEPTS:
+            answer = _item_code(item, "ConceptCodeSequence")
+            if answer in (_PRESENT, _ABSENT):
+                presence[_CONCEPTS[concept]] = answer == _PRESENT
+        if value_type == "CONTAINER" and concept == _GROUP:
+            children = list(item.get("ContentSequence", []))
+            finding = next(
+                (
+                    _item_code(child, "ConceptCodeSequence")
+                    for child in children
+                    if _item_code(child, "ConceptNameCodeSequence") == _FINDING
+                ),
+                None,
+            )
+            name = _CONCEPTS.get(finding) if finding else None
+            if name is None:
+                continue
+            for child in children:
+                if child.get("ValueType") != "NUM":
+                    continue
+                kind = _item_code(child, "ConceptNameCodeSequence")
+                number = _number(child)
+                if number is None:
+                    continue
+                if kind == _PROBABILITY:
+                    probability[name] = number
+                elif kind == _VOLUME:
+                    volume[name] = number
+    if "any" not in presence:
+        raise ValueError("the report states no intracranial hemorrhage finding")
+    subtypes = {
+        name: (presence[name], probability.get(name), volume.get(name))
+        for name in SUBTYPES
+        if name in presence
+    }
+    return StoredFinding(
+        hemorrhage=presence["any"], probability=probability.get("any"), subtypes=subtypes
+    )
+
+
+def resolve_path(path: str, settings: Settings) -> Path:
+    """A stored path as a file: absolute as is, relative against the storage root, then the cwd."""
+    candidate = Path(path)
+    if candidate.is_absolute():
+        return candidate
+    under_root = settings.storage.root / candidate
+    return under_root if under_root.exists() else candidate
+
+
+def read_finding(path: Path) -> StoredFinding | None:
+    """The finding of one SR file, or None (logged) when the file is missing or unreadable."""
+    try:
+        ds = dcmread(path)
+        return finding_from_sr(ds)
+    except (OSError, InvalidDicomError, ValueError, AttributeError) as exc:
+        logger.warning("cannot read the finding of %s: %s", path, exc)
+        return None
+
+
+def _subtype_findings(finding: StoredFinding) -> dict[str, SubtypeFinding]:
+    out = {}
+    for name, (present, prob, ml) in finding.subtypes.items():
+        out[name] = SubtypeFinding(
+            present=present,
+            probability=float("nan") if prob is None else prob,
+            volume_ml=0.0 if ml is None else ml,
+        )
+    return out
+
+
+def _read_sources(index: Index, series_instance_uid: str, settings: Settings) -> list[Dataset]:
+    files = index.series_files(series_instance_uid)
+    if not files:
+        raise SeriesUnavailable("the index holds no instances of this series")
+    datasets: list[Dataset] = []
+    problems: list[str] = []
+    for item in files:
+        path = resolve_path(item.path, settings)
+        try:
+            datasets.append(dcmread(path))
+        except (OSError, InvalidDicomError) as exc:
+            problems.append(f"{path.name}: {exc}")
+    if problems:
+        logger.warning("series %s: %d unreadable files", series_instance_uid, len(problems))
+    if not datasets:
+        raise SeriesUnavailable(
+            f"none of the {len(files)} stored files can be read ({problems[0]})"
+        )
+    return datasets
+
+
+def load_node_series(index: Index, settings: Settings, series_instance_uid: str) -> ViewerData:
+    """Build the viewer data of a series the node received, with its stored findings.
+
+    Raises
+    ------
+    SeriesUnavailable
+        When the series cannot be shown as a volume (no readable files, or the
+        volume loader skips it); the exception carries the readable headers.
+    """
+    datasets = _read_sources(index, series_instance_uid, settings)
+    try:
+        volume = load_volume(datasets)
+    except SeriesSkipped as exc:
+        raise SeriesUnavailable(exc.reason, datasets) from None
+    results = result_files(index, series_instance_uid)
+    seg_files = [r for r in results if r.kind == "SEG"]
+    sr_files = [r for r in results if r.kind == "SR"]
+    note = ""
+    masks: np.ndarray | None = None
+    finding: StoredFinding | None = None
+    if sr_files:
+        finding = read_finding(resolve_path(sr_files[0].path, settings))
+        if finding is None:
+            note = "the stored report cannot be read"
+    else:
+        note = "not analysed yet"
+    if seg_files:
+        path = resolve_path(seg_files[0].path, settings)
+        try:
+            seg = hd.seg.segread(path)
+            masks = masks_from_seg(seg, volume.sop_instance_uids, volume.hu.shape)
+        except (OSError, InvalidDicomError, ValueError, AttributeError) as exc:
+            logger.warning("cannot read SEG %s: %s", path, exc)
+            note = f"the stored segmentation cannot be read ({exc})"
+    elif finding is not None:
+        masks = np.zeros((len(SUBTYPES), *volume.hu.shape), dtype=bool)
+    first = volume.datasets[0]
+    title = " · ".join(
+        part
+        for part in (
+            str(first.get("PatientID", "") or ""),
+            str(first.get("StudyDescription", "") or ""),
+            str(first.get("SeriesDescription", "") or ""),
+        )
+        if part
+    )
+    return ViewerData(
+        title=title or series_instance_uid,
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=volume.series_instance_uid,
+        hu=volume.hu,
+        spacing=volume.spacing,
+        datasets=list(volume.datasets),
+        sop_instance_uids=list(volume.sop_instance_uids),
+        masks=masks,
+        hemorrhage=None if finding is None else finding.hemorrhage,
+        hemorrhage_probability=None if finding is None else finding.probability,
+        subtypes={} if finding is None else _subtype_findings(finding),
+        outputs=read_outputs(results, settings),
+        note=note,
+        volume=volume,
+    )
+
+
+def read_outputs(results: list[ResultFile], settings: Settings) -> dict[str, bytes]:
+    """File name -> bytes of each stored result object that is still on disk."""
+    outputs: dict[str, bytes] = {}
+    for result in results:
+        path = resolve_path(result.path, settings)
+        try:
+            outputs[f"{result.kind}-{result.sop_instance_uid}.dcm"] = path.read_bytes()
+        except OSError as exc:
+            logger.warning("result file %s missing: %s", path, exc)
+    return outputs
