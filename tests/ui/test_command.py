@@ -20,7 +20,7 @@ ICHNODE = [sys.executable, "-m", "node.cli"]
 
 def _ichnode(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*ICHNODE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [*ICHNODE, *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -94,7 +94,9 @@ def test_serves_on_loopback_only_and_stops_on_sigterm(tmp_path: Path) -> None:
         body = ""
         while time.monotonic() < deadline:
             if child.poll() is not None:
-                pytest.fail(f"ichnode ui exited early: {child.stdout.read() if child.stdout else ''}")
+                pytest.fail(
+                    f"ichnode ui exited early: {child.stdout.read() if child.stdout else ''}"
+                )
             try:
                 with urllib.request.urlopen(f"http://{HOST}:{port}/_stcore/health", timeout=2) as r:
                     body = r.read().decode()
