@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,96 +247,138 @@ def _profile_mean(
 
 def _head(
     grid: _Grid, an: _Anatomy, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scalp, skull, brain surface, sulci and fissures.
 
-    Returns ``hu``, ``tissue``, ``dd`` (depth into the cranial cavity below the
-    inner table or above the skull base, mm; negative outside) and the hemisphere
-    side mask helper ``u`` broadcast (1, y, x).
+    Returns ``hu``, ``tissue`` and ``dd``, the depth into the cranial cavity below
+    the inner table or above the skull base (mm; negative outside it).
     """
-    u, v, w = grid.u[None], grid.v[None], grid.w[:, None, None]
+    m2 = grid.matrix * grid.matrix
+    u2, v2, w1 = grid.u, grid.v, grid.w
     a2, b2, c2 = an.a**2, an.b**2, an.c**2
-    qc = (w / an.c) ** 2
-    r2 = (u / an.a) ** 2 + (v / an.b) ** 2 + qc
-    g2 = (u / a2) ** 2 + (v / b2) ** 2 + (w / c2) ** 2 + _F32(1e-12)
-    r = np.sqrt(r2)
-    inv_g = _F32(1.0) / np.sqrt(g2)
-    d_ell = (_F32(1.0) - r) * r * inv_g  # approximate distance below the scalp surface
-    nz2 = (w / c2) ** 2 / g2
-    px2, dz2 = grid.px**2, grid.dz**2
-    footprint = np.sqrt(px2 + (dz2 - px2) * nz2)
+    r2_plane = (u2 / an.a) ** 2 + (v2 / an.b) ** 2
+    g2_plane = (u2 / a2) ** 2 + (v2 / b2) ** 2 + _F32(1e-12)
+    g2_axis = ((w1 / c2) ** 2).astype(_F32)
+    r = r2_plane[None] + ((w1 / an.c) ** 2).astype(_F32)[:, None, None]
+    np.sqrt(r, out=r)
+    g = g2_plane[None] + g2_axis[:, None, None]
+    np.sqrt(g, out=g)
+    d_ell = _F32(1.0) - r
+    d_ell *= r
+    d_ell /= g  # approximate distance below the scalp surface (mm)
+    del r, g
     si = an.skull_inner
-    above_floor = w - _floor(grid.v, an.scale)[None]
-    floor_depth = si + above_floor
+    above_floor = w1[:, None, None] - _floor(v2, an.scale)[None]
+    floor_depth = above_floor + _F32(si)
     from_floor = (floor_depth < d_ell) & (d_ell > si)
     depth = np.where(from_floor, floor_depth, d_ell)
-    footprint = np.where(from_floor, _F32(grid.dz), footprint)
+    del floor_depth
     # Below the floor the skull base is solid bone (diploe-like), then soft tissue.
-    in_base = from_floor & (above_floor < 0) & (d_ell > si)
+    in_base = from_floor & (above_floor < 0)
     base_bone = _F32(si - an.inner_table - 0.5 * an.diploe)
-    depth = np.where(in_base, np.maximum(depth, base_bone), depth).astype(_F32)
-    breaks, values = _layers(an)
-    hu = _profile_mean(depth, footprint.astype(_F32), breaks, values)
-    dd = (depth - _F32(si)).astype(_F32)
-    dd[in_base] = -1.0
+    np.maximum(depth, base_bone, where=in_base, out=depth)
 
-    tissue = np.full(grid.shape, WHITE, dtype=np.uint8)
-    tissue[dd < an.csf + an.cortex] = GREY
-    tissue[dd < an.csf] = CSF
-    tissue[dd < 0] = BONE
-    tissue[depth < an.scalp] = SCALP
-    tissue[depth < 0] = AIR
+    # Layers with partial volume, computed only where the profile is not constant.
+    margin = max(grid.px, grid.dz) / 2.0 + 0.05
+    inner = si + an.csf + an.cortex
+    hu = np.where(depth < 0, _F32(-1000.0), _F32(an.hu_white))
+    tissue = np.where(depth < 0, np.uint8(AIR), np.uint8(WHITE))
+    idx = np.flatnonzero((depth > -margin) & (depth < inner + margin))
+    depth_s = depth.reshape(-1)[idx]
+    zi, yx = np.divmod(idx, m2)
+    nz2 = g2_axis[zi] / (g2_plane.reshape(-1)[yx] + g2_axis[zi])
+    px2, dz2 = grid.px**2, grid.dz**2
+    footprint = np.sqrt(px2 + (dz2 - px2) * nz2).astype(_F32)
+    footprint[from_floor.reshape(-1)[idx]] = grid.dz
+    breaks, values = _layers(an)
+    hu.reshape(-1)[idx] = _profile_mean(depth_s, footprint, breaks, values)
+    level = (
+        (depth_s >= 0).astype(np.uint8)
+        + (depth_s >= an.scalp)
+        + (depth_s >= si)
+        + (depth_s >= si + an.csf)
+        + (depth_s >= inner)
+    )
+    lut = np.array([AIR, SCALP, BONE, CSF, GREY, WHITE], dtype=np.uint8)
+    tissue.reshape(-1)[idx] = lut[level]
+    dd = depth
+    dd -= _F32(si)
+    dd[in_base] = -1.0
     base_soft = in_base & (above_floor < -10.0 * an.scale) & (d_ell > an.scalp + an.outer_table)
     hu[base_soft] = 40.0
     tissue[base_soft] = SOFT
+    del d_ell, from_floor, in_base, base_soft
 
     # Sulci: two interleaved sinusoidal families on the cortex, deeper with atrophy.
-    phi = np.arctan2(grid.v / an.b, grid.u / an.a)[None]
-    elev = (w / an.c).astype(_F32)
+    phi = np.arctan2(v2 / an.b, u2 / an.a).astype(_F32).reshape(-1)
+    elev = (w1 / an.c).astype(_F32)
     k1, k2 = float(rng.uniform(9, 14)), float(rng.uniform(6, 10))
     p = rng.uniform(0, 2 * np.pi, size=4)
+    sulc_depth = float(rng.uniform(8.0, 16.0))
+    width = float(rng.uniform(0.10, 0.18)) * an.vent
+    idx = np.flatnonzero((dd >= an.csf) & (dd < sulc_depth) & (above_floor > 4.0))
+    del above_floor
+    zi, yx = np.divmod(idx, m2)
+    phi_s, elev_s = phi[yx], elev[zi]
     s1 = np.abs(
-        np.sin(_F32(k1) * phi + _F32(1.6) * np.sin(_F32(5.0) * elev + _F32(p[0])) + _F32(p[1]))
+        np.sin(_F32(k1) * phi_s + _F32(1.6) * np.sin(_F32(5.0) * elev_s + _F32(p[0])) + _F32(p[1]))
     )
     s2 = np.abs(
         np.sin(
-            _F32(k2 * np.pi / 2) * elev
-            + _F32(1.2) * np.sin(_F32(4.0) * phi + _F32(p[2]))
+            _F32(k2 * np.pi / 2) * elev_s
+            + _F32(1.2) * np.sin(_F32(4.0) * phi_s + _F32(p[2]))
             + _F32(p[3])
         )
     )
-    s = np.minimum(s1, s2)
-    sulc_depth = float(rng.uniform(8.0, 16.0))
-    width = float(rng.uniform(0.10, 0.18)) * an.vent
-    brain_surface = (dd >= an.csf) & (dd < sulc_depth) & (above_floor > 4.0)
-    lining = brain_surface & (s < width + 0.25)
-    hu[lining & (tissue == WHITE)] = an.hu_grey
-    tissue[lining & (tissue == WHITE)] = GREY
-    sulcus = brain_surface & (s < width) & (dd < sulc_depth - 2.0)
-    hu[sulcus] = an.hu_csf
-    tissue[sulcus] = CSF
+    pattern = np.minimum(s1, s2)
+    flat_hu, flat_tissue = hu.reshape(-1), tissue.reshape(-1)
+    lining = idx[(pattern < width + 0.25) & (flat_tissue[idx] == WHITE)]
+    flat_hu[lining] = an.hu_grey
+    flat_tissue[lining] = GREY
+    sulcus = idx[(pattern < width) & (dd.reshape(-1)[idx] < sulc_depth - 2.0)]
+    flat_hu[sulcus] = an.hu_csf
+    flat_tissue[sulcus] = CSF
 
-    # Sylvian fissures (lateral) and the interhemispheric fissure with the falx.
-    # Each fissure is an oblique sheet running from the lateral surface anteromedially.
-    tilt = _F32(math.tan(math.radians(float(rng.uniform(25.0, 40.0)))))
-    sheet = np.abs(np.abs(u) * tilt + v + _F32(0.15 * an.b) - _F32(0.6 * an.a) * tilt)
-    sylvian = (
-        (sheet < 1.0 + 0.7 * an.vent)
-        & (np.abs(u) > 0.35 * an.a)
-        & (w > -30.0 * an.scale)
-        & (w < 6.0 * an.scale)
-        & (dd > 0)
-        & (dd < 26.0)
+    # Sylvian fissures: oblique sheets from the lateral surface running anteromedially.
+    tilt = math.tan(math.radians(float(rng.uniform(25.0, 40.0))))
+    sheet = np.abs(np.abs(u2) * tilt + v2 + 0.15 * an.b - 0.6 * an.a * tilt)
+    ys, xs = np.nonzero((sheet < 1.0 + 0.7 * an.vent) & (np.abs(u2) > 0.35 * an.a))
+    zs = (w1 > -30.0 * an.scale) & (w1 < 6.0 * an.scale)
+    _paint_columns(hu, tissue, dd, (zs, ys, xs), lambda d: (d > 0) & (d < 26.0), an.hu_csf, CSF)
+    # Interhemispheric fissure (the falx is painted in it later).
+    ys, xs = np.nonzero(np.abs(u2) < 0.8 + 0.6 * an.vent)
+    far = (np.abs(v2) > 0.5 * an.b)[ys, xs]
+    zs = w1 > -12.0 * an.scale
+    _paint_columns(
+        hu, tissue, dd, (zs, ys, xs), lambda d: (d > 0) & ((d < 38.0) | far), an.hu_csf, CSF
     )
-    hu[sylvian] = an.hu_csf
-    tissue[sylvian] = CSF
-    fissure_w = 0.8 + 0.6 * an.vent
-    midline = np.abs(u) < fissure_w
-    deep_fissure = (dd > 0) & ((dd < 38.0) | (np.abs(v) > 0.5 * an.b)) & (w > -12.0 * an.scale)
-    fissure = midline & deep_fissure
-    hu[fissure] = an.hu_csf
-    tissue[fissure] = CSF
-    return hu, tissue, dd, u
+    return hu, tissue, dd
+
+
+def _paint_columns(
+    hu: np.ndarray,
+    tissue: np.ndarray,
+    dd: np.ndarray,
+    columns: tuple[np.ndarray, np.ndarray, np.ndarray],
+    condition: Callable[[np.ndarray], np.ndarray],
+    value: float,
+    code: int,
+) -> np.ndarray:
+    """Paint ``value``/``code`` where ``condition(dd block)`` holds in some columns.
+
+    ``columns`` is (slice mask over z, ys, xs); the block is (z, n). Working on
+    columns keeps thin structures (fissures, falx, sinuses) cheap on big matrices.
+    Returns the painted (z, n) mask.
+    """
+    zs, ys, xs = columns
+    ks = np.flatnonzero(zs)
+    if ks.size == 0 or ys.size == 0:
+        return np.zeros((0, ys.size), dtype=bool)
+    block = (ks[:, None], ys[None, :], xs[None, :])
+    m = np.asarray(condition(dd[block]))
+    hu[block] = np.where(m, _F32(value), hu[block])
+    tissue[block] = np.where(m, np.uint8(code), tissue[block])
+    return m
 
 
 def _paint_deep(
@@ -399,14 +441,20 @@ def _paint_confounders(
 ) -> None:
     """Falx, dural sinuses, dense vessels, calcifications: bright but not blood."""
     s = an.scale
-    u, v, w = grid.u[None], grid.v[None], grid.w[:, None, None]
-    intracranial = dd > 0
+    u2, v2, w1 = grid.u, grid.v, grid.w
     # Falx: a thin dense sheet in the interhemispheric fissure.
     falx_hu = float(rng.uniform(50.0, 90.0))
-    falx = (np.abs(u) < 0.6) & intracranial & ((dd < 36.0) | (np.abs(v) > 0.5 * an.b))
-    falx &= w > -10.0 * s
-    hu[falx] = falx_hu
-    tissue[falx] = FALX
+    ys, xs = np.nonzero(np.abs(u2) < 0.6)
+    far = (np.abs(v2) > 0.5 * an.b)[ys, xs]
+    _paint_columns(
+        hu,
+        tissue,
+        dd,
+        (w1 > -10.0 * s, ys, xs),
+        lambda d: (d > 0) & ((d < 36.0) | far),
+        falx_hu,
+        FALX,
+    )
     if rng.random() < 0.3:  # calcified falx plaque
         box = grid.box((0.0, float(rng.uniform(-40, 20)) * s, float(rng.uniform(20, 45)) * s), 6)
         if box is not None:
@@ -417,15 +465,29 @@ def _paint_confounders(
     # Superior sagittal sinus: triangle on the midline under the inner table.
     sinus_hu = float(rng.uniform(58.0, 72.0))
     sss_depth = 7.0 * s
-    sss = intracranial & (dd < sss_depth) & (np.abs(u) < (sss_depth - dd) * 0.7)
-    sss &= (w > -30.0 * s) & ((w > 0) | (v > 0))
-    hu[sss] = sinus_hu
-    tissue[sss] = VESSEL
+    ys, xs = np.nonzero(np.abs(u2) < 0.7 * sss_depth)
+    width = np.abs(u2[ys, xs]) / 0.7
+    posterior = (v2 > 0)[ys, xs]
+    above = (w1 > 0)[:, None]
+    _paint_columns(
+        hu,
+        tissue,
+        dd,
+        (w1 > -30.0 * s, ys, xs),
+        lambda d: (d > 0) & (d < sss_depth - width) & (above[w1 > -30.0 * s] | posterior),
+        sinus_hu,
+        VESSEL,
+    )
     # Transverse sinuses along the occipital inner table at the tentorium level.
     w_ts = -33.0 * s
-    ts = intracranial & (dd < 5.5) & (np.abs(w - w_ts - 0.06 * np.abs(u)) < 3.5) & (v > 0.2 * an.b)
-    hu[ts] = sinus_hu
-    tissue[ts] = VESSEL
+    ys, xs = np.nonzero(v2 > 0.2 * an.b)
+    zs = np.abs(w1 - w_ts) < 3.5 + 0.06 * float(np.abs(u2).max())
+    offset = (0.06 * np.abs(u2[ys, xs]))[None, :]
+    near = (np.abs(w1[zs][:, None] - w_ts - offset) < 3.5) if zs.any() else None
+    if near is not None:
+        _paint_columns(
+            hu, tissue, dd, (zs, ys, xs), lambda d: (d > 0) & (d < 5.5) & near, sinus_hu, VESSEL
+        )
     # Dense arteries: basilar and middle cerebral.
     vessel_hu = float(rng.uniform(45.0, 70.0))
     tubes = [((0.0, -9.0, -55.0), (0.0, -9.0, -26.0), 1.6)]
@@ -688,10 +750,16 @@ class _Painter:
 
 def _blur_inplane(a: np.ndarray) -> np.ndarray:
     """[1, 2, 1]/4 along y and x (the reconstruction kernel's in-plane blur)."""
-    out = a.copy()
-    out[:, 1:-1, :] = 0.25 * a[:, :-2, :] + 0.5 * a[:, 1:-1, :] + 0.25 * a[:, 2:, :]
-    b = out.copy()
-    out[:, :, 1:-1] = 0.25 * b[:, :, :-2] + 0.5 * b[:, :, 1:-1] + 0.25 * b[:, :, 2:]
+    b = a.copy()
+    b[:, 1:-1, :] += a[:, 1:-1, :]
+    b[:, 1:-1, :] += a[:, :-2, :]
+    b[:, 1:-1, :] += a[:, 2:, :]
+    b[:, 1:-1, :] *= _F32(0.25)
+    out = b.copy()
+    out[:, :, 1:-1] += b[:, :, 1:-1]
+    out[:, :, 1:-1] += b[:, :, :-2]
+    out[:, :, 1:-1] += b[:, :, 2:]
+    out[:, :, 1:-1] *= _F32(0.25)
     return out
 
 
@@ -771,7 +839,7 @@ def generate_case(
     theta = math.radians(float(rng.uniform(-15.0, 15.0)))
     grid = _Grid(matrix, px, w, centre, theta)
 
-    hu, tissue, dd, _ = _head(grid, an, rng)
+    hu, tissue, dd = _head(grid, an, rng)
     _paint_deep(grid, an, hu, tissue, dd)
     _paint_confounders(grid, an, hu, tissue, dd, rng)
 
@@ -786,12 +854,13 @@ def generate_case(
             raise ValueError(f"could not place a {name} bleed in this slab (seed {seed})")
     _paint_streaks(grid, an, hu, rng)
 
-    hu = _blur_inplane(hu)
     if sd > 0:
+        # White noise blurred with the image: the [1, 2, 1] kernel keeps 0.375 of its sd.
         noise = rng.standard_normal(grid.shape, dtype=_F32)
-        noise = _blur_inplane(noise)
         noise *= _F32(sd / 0.375)
         hu += noise
+        del noise
+    hu = _blur_inplane(hu)
     labels = painter.labels
     voxel_ml = px * px * dz / 1000.0
     volumes = {name: float(labels[SUBTYPES.index(name)].sum()) * voxel_ml for name in chosen}
