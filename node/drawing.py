@@ -101,11 +101,15 @@ def render_text_lines(lines: list[str], width: int, *, font_px: int) -> np.ndarr
     return rgba[:, :width, 3].astype(np.float32) / 255.0
 
 
+def banner_font_px(width: int) -> int:
+    """Text size of the key-image banner for an image ``width`` pixels wide."""
+    return max(9, min(22, width // 40))
+
+
 def draw_text_banner(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
     """Burn ``lines`` into the top of ``rgb`` on a dark band, so they stay legible."""
     height, width = rgb.shape[:2]
-    font_px = max(9, min(22, width // 40))
-    alpha = render_text_lines(lines, width, font_px=font_px)
+    alpha = render_text_lines(lines, width, font_px=banner_font_px(width))
     band = min(alpha.shape[0], height)
     out = rgb.astype(np.float32)
     out[:band] *= 0.35  # darken under the text
@@ -125,5 +129,5 @@ def key_image(
     rgb = grey_to_rgb(window_to_uint8(hu_slice, *BRAIN_WINDOW))
     if heat is not None:
         rgb = blend_heat_map(rgb, heat)
-    rgb = draw_outline(rgb, mask, colour)
-    return draw_text_banner(rgb, lines)
+    rgb = draw_text_banner(rgb, lines)
+    return draw_outline(rgb, mask, colour)  # last, so the finding is never hidden

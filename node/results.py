@@ -391,6 +391,35 @@ def _presence(present: bool) -> hd.sr.CodedConcept | object:
     return codes.SCT.Present if present else codes.SCT.Absent
 
 
+def _referenced_segment(
+    findings: SeriesFindings,
+    headers: Sequence[Dataset],
+    seg: hd.seg.Segmentation,
+    name: str,
+    segment_number: int,
+) -> hd.sr.ReferencedSegment:
+    """The SEG segment of ``name`` and the source images it was drawn on.
+
+    Built from the mask rather than with ``ReferencedSegment.from_segmentation``,
+    which fails when a SEG holds a single segment (its Segment Identification
+    then sits in the shared functional groups).
+    """
+    mask = findings.masks[SUBTYPES.index(name)]
+    slices = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=segment_number,
+        source_images=[
+            hd.sr.SourceImageForSegmentation(
+                referenced_sop_class_uid=headers[int(z)].SOPClassUID,
+                referenced_sop_instance_uid=headers[int(z)].SOPInstanceUID,
+            )
+            for z in slices
+        ],
+    )
+
+
 def build_report(
     findings: SeriesFindings,
     headers: Sequence[Dataset],
@@ -486,8 +515,8 @@ def build_report(
                     tracking_identifier=hd.sr.TrackingIdentifier(
                         uid=tracking_uids[name], identifier=f"{name} hemorrhage"
                     ),
-                    referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                        seg, segment_number=segment_numbers[name]
+                    referenced_segment=_referenced_segment(
+                        findings, headers, seg, name, segment_numbers[name]
                     ),
                     finding_type=SUBTYPE_CODES[name],
                     finding_category=codes.SCT.MorphologicallyAbnormalStructure,

@@ -1,0 +1,414 @@
+"""The SEG, SR and SC result objects: validity (dciodvfy, dcmdump), round trips through
+highdicom's readers, sanitised headers, and recognising our own output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
+
+from inference.findings import SUBTYPES
+from node import results
+from tests.interop import REAL_5MM, REAL_TILT, require_real_data
+from tests.node.conftest import (
+    FIXED_NOW,
+    hu_volume,
+    make_ct_series,
+    make_findings,
+    read_real_series,
+)
+
+Checker = Callable[[Path], list[str]]
+
+
+def _two_subtype_masks(n: int, matrix: int) -> dict[str, np.ndarray]:
+    parenchymal = np.zeros((n, matrix, matrix), dtype=bool)
+    parenchymal[1:3, 18:26, 20:30] = True  # largest on slices 1-2
+    parenchymal[2, 26:30, 20:30] = True  # slice 2 is the largest
+    subdural = np.zeros((n, matrix, matrix), dtype=bool)
+    subdural[3:5, 10:50, 6:10] = True
+    return {"intraparenchymal": parenchymal, "subdural": subdural}
+
+
+def _by_class(paths: list[Path]) -> dict[str, list[pydicom.Dataset]]:
+    out: dict[str, list[pydicom.Dataset]] = {"SEG": [], "SR": [], "SC": []}
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        key = {
+            SegmentationStorage: "SEG",
+            Comprehensive3DSRStorage: "SR",
+            SecondaryCaptureImageStorage: "SC",
+        }[ds.SOPClassUID]
+        out[key].append(ds)
+    return out
+
+
+def _code_value(value: object) -> str:
+    assert isinstance(value, hd.sr.CodedConcept), value
+    return str(value.value)
+
+
+def _assert_valid(paths: list[Path], dciodvfy: Checker, dcmdump: Callable[[Path], str]) -> None:
+    for path in paths:
+        errors = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+        dcmdump(path)
+
+
+@pytest.mark.interop
+def test_positive_series_objects_are_valid_and_complete(
+    tmp_path: Path, dciodvfy: Checker, dcmdump: Callable[[Path], str]
+) -> None:
+    datasets = make_ct_series(6, 64)
+    findings = make_findings(datasets, _two_subtype_masks(6, 64))
+    paths = results.write_results(
+        findings, datasets, tmp_path / "out", hu=hu_volume(datasets), now=FIXED_NOW
+    )
+    assert sorted(p.name.split("-")[0] for p in paths) == ["SC", "SC", "SEG", "SR"]
+    assert not list((tmp_path / "out").glob("*.part"))
+    _assert_valid(paths, dciodvfy, dcmdump)
+
+    objects = _by_class(paths)
+    source = datasets[0]
+    series_uids = set()
+    series_numbers = set()
+    for kind, description in (
+        ("SEG", "ICH AI SEG"),
+        ("SR", "ICH AI REPORT"),
+        ("SC", "ICH AI KEY IMAGES"),
+    ):
+        for ds in objects[kind]:
+            assert ds.StudyInstanceUID == source.StudyInstanceUID
+            assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+            assert ds.SeriesDescription == description
+            assert ds.Manufacturer == "ichnode"
+            assert ds.PatientID == source.PatientID
+            assert str(ds.PatientName) == str(source.PatientName)
+            assert ds.PatientBirthDate == source.PatientBirthDate
+            assert ds.PatientSex == source.PatientSex
+            assert ds.StudyDate == source.StudyDate
+            assert ds.AccessionNumber == source.AccessionNumber
+            assert ds.StudyID == source.StudyID
+            assert ds.StudyDescription == source.StudyDescription
+            assert ds.ContentDate == "20261126"
+            assert ds.ContentTime == "143005"
+            versions = list(ds.SoftwareVersions)
+            assert versions[0].startswith("ichnode ")
+            assert versions[1] == "ichnode-ich test-1"
+            assert results.is_ichnode_output(ds)
+            series_uids.add(ds.SeriesInstanceUID)
+            series_numbers.add(int(ds.SeriesNumber))
+    assert len(series_uids) == 3
+    assert len(series_numbers) == 3
+    seg = objects["SEG"][0]
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "ichnode-ich"
+    assert "test-1" in algorithm.AlgorithmVersion
+    assert findings.weights_sha256 in algorithm.AlgorithmParameters
+
+
+@pytest.mark.interop
+def test_negative_series_gives_only_a_report_stating_absence(
+    tmp_path: Path, dciodvfy: Checker, dcmdump: Callable[[Path], str]
+) -> None:
+    datasets = make_ct_series(4, 48)
+    findings = make_findings(datasets, {})
+    paths = results.write_results(findings, datasets, tmp_path, now=FIXED_NOW)
+    assert [p.name.split("-")[0] for p in paths] == ["SR"]
+    _assert_valid(paths, dciodvfy, dcmdump)
+
+    sr = hd.sr.srread(paths[0])
+    report = cast(hd.sr.MeasurementReport, sr.content)
+    assert report.get_volumetric_roi_measurement_groups() == []
+    (summary,) = report.get_image_measurement_groups()
+    evaluations = {
+        q.name.value: _code_value(q.value) for q in summary.get_qualitative_evaluations()
+    }
+    assert evaluations[codes.SCT.IntracranialHemorrhage.value] == codes.SCT.Absent.value
+    for name in SUBTYPES:
+        assert evaluations[results.SUBTYPE_CODES[name].value] == codes.SCT.Absent.value
+    (probability,) = summary.get_measurements(name=codes.DCM.Probability)
+    assert probability.value == pytest.approx(0.04)
+
+
+def test_seg_round_trip_pixels_equal_masks(tmp_path: Path) -> None:
+    datasets = make_ct_series(6, 64)
+    masks = _two_subtype_masks(6, 64)
+    findings = make_findings(datasets, masks)
+    paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
+    seg_path = next(p for p in paths if p.name.startswith("SEG-"))
+    seg = hd.seg.segread(seg_path)
+
+    assert seg.SegmentationType == "BINARY"
+    labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    assert labels == {1: "intraparenchymal hemorrhage", 2: "subdural hemorrhage"}
+    for item in seg.SegmentSequence:
+        name = item.SegmentLabel.removesuffix(" hemorrhage")
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (prop.CodeValue, prop.CodingSchemeDesignator) == (
+            results.SUBTYPE_CODES[name].value,
+            "SCT",
+        )
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+    # empty frames omitted: one frame per (slice, segment) with any voxel set
+    expected_frames = sum(int(m.reshape(6, -1).any(axis=1).sum()) for m in masks.values())
+    assert int(seg.NumberOfFrames) == expected_frames
+
+    sop_instance_uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=sop_instance_uids,
+        segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True,
+    )
+    assert pixels.shape == (6, 64, 64, 2)
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), masks["intraparenchymal"])
+    np.testing.assert_array_equal(pixels[..., 1].astype(bool), masks["subdural"])
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
+    assert referenced == set(sop_instance_uids)
+
+
+def test_sr_round_trip_groups_codes_volumes_and_references(tmp_path: Path) -> None:
+    datasets = make_ct_series(6, 64)
+    masks = _two_subtype_masks(6, 64)
+    findings = make_findings(datasets, masks)
+    paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
+    seg = hd.seg.segread(next(p for p in paths if p.name.startswith("SEG-")))
+    sr = hd.sr.srread(next(p for p in paths if p.name.startswith("SR-")))
+    report = cast(hd.sr.MeasurementReport, sr.content)
+
+    (observer,) = report.get_observer_contexts()
+    assert observer.observer_type == codes.DCM.Device
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+    (summary,) = report.get_image_measurement_groups()
+    evaluations = {q.name.value: _code_value(q.value) for q in summary.get_qualitative_evaluations()}
+    assert evaluations[codes.SCT.IntracranialHemorrhage.value] == codes.SCT.Present.value
+    for name in SUBTYPES:
+        expected = codes.SCT.Present if name in masks else codes.SCT.Absent
+        assert evaluations[results.SUBTYPE_CODES[name].value] == expected.value
+
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    seg_segments = {
+        int(s.SegmentNumber): s.SegmentLabel.removesuffix(" hemorrhage")
+        for s in seg.SegmentSequence
+    }
+    seg_tracking = {
+        s.SegmentLabel.removesuffix(" hemorrhage"): s.TrackingUID for s in seg.SegmentSequence
+    }
+    sop_instance_uids = {str(ds.SOPInstanceUID) for ds in datasets}
+    for group in groups:
+        name = next(n for n, c in results.SUBTYPE_CODES.items() if c == group.finding_type)
+        reference = group.referenced_segment
+        assert reference is not None
+        assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert reference.referenced_sop_class_uid == SegmentationStorage
+        (segment_number,) = reference.referenced_segment_numbers or []
+        assert seg_segments[segment_number] == name
+        assert group.tracking_uid == seg_tracking[name]
+        sources = {
+            item.referenced_sop_instance_uid for item in reference.source_images_for_segmentation
+        }
+        assert sources and sources <= sop_instance_uids
+        mask_slices = {
+            str(datasets[z].SOPInstanceUID) for z in np.flatnonzero(masks[name].any(axis=(1, 2)))
+        }
+        assert sources == mask_slices
+        (volume,) = group.get_measurements(name=codes.SCT.Volume)
+        assert volume.value == pytest.approx(findings.subtypes[name].volume_ml, rel=1e-6)
+        assert (volume.unit.value, volume.unit.scheme_designator) == ("ml", "UCUM")
+        (probability,) = group.get_measurements(name=codes.DCM.Probability)
+        assert probability.value == pytest.approx(findings.subtypes[name].probability)
+        assert group.finding_sites[0].value == codes.SCT.Brain
+
+
+def test_present_subtype_with_empty_mask_is_reported_without_segment(tmp_path: Path) -> None:
+    datasets = make_ct_series(3, 32)
+    findings = make_findings(datasets, {}, present=["subarachnoid"])
+    objects = results.encode_results(findings, datasets, now=FIXED_NOW)
+    assert [ds.SOPClassUID for ds in objects] == [Comprehensive3DSRStorage]
+    paths = results.write_datasets(objects, tmp_path)
+    report = cast(hd.sr.MeasurementReport, hd.sr.srread(paths[0]).content)
+    groups = report.get_image_measurement_groups()
+    assert len(groups) == 2
+    assert groups[1].finding_type == results.SUBTYPE_CODES["subarachnoid"]
+
+
+@pytest.mark.interop
+def test_key_images_show_largest_slice_with_overlay_and_disclaimer(
+    tmp_path: Path, dciodvfy: Checker
+) -> None:
+    datasets = make_ct_series(5, 128)
+    parenchymal = np.zeros((5, 128, 128), dtype=bool)
+    parenchymal[1:4, 70:80, 40:60] = True
+    parenchymal[2, 80:90, 40:60] = True  # slice 2 has the largest area
+    findings = make_findings(datasets, {"intraparenchymal": parenchymal})
+    assert findings.gradcam is not None
+    findings.gradcam[:] = 0.0
+    findings.gradcam[:, 60:100, 70:110] = 0.9  # beside the mask, below the banner
+    hu = hu_volume(datasets)
+    paths = results.write_results(findings, datasets, tmp_path, hu=hu)
+    (key_image,) = _by_class(paths)["SC"]
+    assert key_image.BurnedInAnnotation == "YES"
+    assert key_image.PhotometricInterpretation == "RGB"
+    assert key_image.SourceImageSequence[0].ReferencedSOPInstanceUID == (
+        datasets[2].SOPInstanceUID
+    )
+    rgb = key_image.pixel_array
+    assert rgb.shape == (128, 128, 3)
+    # mask outline in the subtype's colour, exactly on the mask's border
+    colour = np.array(results.drawing.SUBTYPE_COLOURS["intraparenchymal"])
+    edge = (rgb == colour).all(axis=2)
+    np.testing.assert_array_equal(edge, results.drawing.outline(parenchymal[2]))
+    # the heat map tints the grey image where Grad-CAM is high and nowhere else
+    plain = results.drawing.grey_to_rgb(results.drawing.window_to_uint8(hu[2], 40.0, 80.0))
+    banner = np.zeros((128, 128), dtype=bool)
+    banner[:60] = True
+    hot = (findings.gradcam[2] > 0) & ~edge & ~banner
+    assert hot.sum() > 100
+    assert np.abs(rgb[hot].astype(int) - plain[hot]).max() > 30
+    calm = ~hot & ~edge & ~banner
+    np.testing.assert_array_equal(rgb[calm], plain[calm])
+    # the disclaimer is burned into the top band: white text pixels on a dark band
+    top = rgb[: results.drawing.banner_font_px(128) * 2]
+    assert ((top.min(axis=2) > 200).sum()) > 20
+    for path in paths:
+        assert dciodvfy(path) == []
+
+
+def test_key_images_without_hu_read_source_pixels(tmp_path: Path) -> None:
+    datasets = make_ct_series(4, 32)
+    mask = np.zeros((4, 32, 32), dtype=bool)
+    mask[1, 10:14, 10:14] = True
+    findings = make_findings(datasets, {"epidural": mask}, gradcam=False)
+    with_hu = results.encode_results(findings, datasets, hu=hu_volume(datasets), now=FIXED_NOW)
+    without = results.encode_results(findings, datasets, now=FIXED_NOW)
+    np.testing.assert_array_equal(with_hu[-1].pixel_array, without[-1].pixel_array)
+
+    headers_only = [pydicom.Dataset(ds) for ds in datasets]
+    for ds in headers_only:
+        del ds.PixelData
+    with pytest.raises(results.ResultsError, match="pixel"):
+        results.encode_results(findings, headers_only, now=FIXED_NOW)
+
+
+@pytest.mark.interop
+def test_bad_source_headers_are_sanitised(
+    tmp_path: Path, dciodvfy: Checker, dcmdump: Callable[[Path], str]
+) -> None:
+    datasets = make_ct_series(4, 48, bad_headers=True)
+    mask = np.zeros((4, 48, 48), dtype=bool)
+    mask[1:3, 20:30, 20:30] = True
+    findings = make_findings(datasets, {"intraventricular": mask})
+    paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
+    _assert_valid(paths, dciodvfy, dcmdump)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientSex == ""
+        assert ds.PatientBirthDate == ""
+        assert ds.StudyDate == ""
+        assert ds.StudyTime == ""
+        assert ds.AccessionNumber == "ACCESSION-NUMBE"[:16] or len(ds.AccessionNumber) <= 16
+        assert len(ds.StudyID) <= 16
+        assert len(str(ds.PatientName)) <= 64
+        assert str(ds.PatientName).startswith("Doe^Jane")
+        assert "PatientAge" not in ds
+        assert ds.StudyInstanceUID == datasets[0].StudyInstanceUID
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("series", [REAL_5MM, REAL_TILT], ids=["5mm", "tilt"])
+def test_real_series_objects_are_valid(
+    series: Path, tmp_path: Path, dciodvfy: Checker, dcmdump: Callable[[Path], str]
+) -> None:
+    require_real_data()
+    datasets = read_real_series(series)
+    n, rows, columns = len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)
+    mask = np.zeros((n, rows, columns), dtype=bool)
+    mask[n // 2 - 1 : n // 2 + 2, 200:260, 220:280] = True
+    findings = make_findings(datasets, {"subdural": mask})
+    paths = results.write_results(findings, datasets, tmp_path, now=FIXED_NOW)
+    assert sorted(p.name.split("-")[0] for p in paths) == ["SC", "SEG", "SR"]
+    _assert_valid(paths, dciodvfy, dcmdump)
+    seg = hd.seg.segread(next(p for p in paths if p.name.startswith("SEG-")))
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), mask)
+    assert seg.StudyInstanceUID == datasets[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == datasets[0].FrameOfReferenceUID
+
+    negative = make_findings(datasets, {})
+    negative_paths = results.write_results(negative, datasets, tmp_path / "neg")
+    assert [p.name.split("-")[0] for p in negative_paths] == ["SR"]
+    _assert_valid(negative_paths, dciodvfy, dcmdump)
+
+
+@pytest.mark.parametrize("n_slices", [1, 2])
+def test_single_slice_and_two_slice_series(tmp_path: Path, n_slices: int) -> None:
+    datasets = make_ct_series(n_slices, 32)
+    mask = np.zeros((n_slices, 32, 32), dtype=bool)
+    mask[-1, 8:16, 8:16] = True
+    findings = make_findings(datasets, {"intraparenchymal": mask})
+    paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
+    seg = hd.seg.segread(next(p for p in paths if p.name.startswith("SEG-")))
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), mask)
+
+
+def test_is_ichnode_output_recognises_only_our_objects(tmp_path: Path) -> None:
+    datasets = make_ct_series(3, 32)
+    mask = np.zeros((3, 32, 32), dtype=bool)
+    mask[1, 4:8, 4:8] = True
+    objects = results.encode_results(
+        make_findings(datasets, {"subdural": mask}), datasets, hu=hu_volume(datasets)
+    )
+    assert all(results.is_ichnode_output(ds) for ds in objects)
+    assert not any(results.is_ichnode_output(ds) for ds in datasets)
+
+    # another vendor's SR that happens to carry our description is still ours to skip
+    renamed = pydicom.Dataset(objects[1])
+    renamed.Manufacturer = "PACS vendor"
+    assert results.is_ichnode_output(renamed)
+    # a third-party SEG with its own description is not ours
+    foreign = pydicom.Dataset(objects[0])
+    foreign.Manufacturer = "Other AI"
+    foreign.SeriesDescription = "Brain segmentation"
+    assert not results.is_ichnode_output(foreign)
+    # a CT that someone labelled like ours is not ours either (wrong SOP class)
+    ct = pydicom.Dataset(datasets[0])
+    ct.SeriesDescription = "ICH AI SEG"
+    assert not results.is_ichnode_output(ct)
+
+
+def test_findings_that_do_not_match_the_series_are_refused() -> None:
+    datasets = make_ct_series(3, 32)
+    findings = make_findings(datasets, {})
+    with pytest.raises(results.ResultsError, match="sop_instance_uids"):
+        results.encode_results(findings, list(reversed(datasets)))
+    findings.masks = np.zeros((5, 3, 16, 16), dtype=bool)
+    with pytest.raises(results.ResultsError, match="shape"):
+        results.encode_results(findings, datasets)
+    other = make_ct_series(1, 32)
+    mixed = [*datasets[:2], other[0]]
+    mixed_findings = make_findings(mixed, {})
+    with pytest.raises(results.ResultsError, match="more than one series"):
+        results.encode_results(mixed_findings, mixed)
