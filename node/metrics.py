@@ -21,12 +21,14 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from storage.index import Index
 from storage.models import (
@@ -39,6 +41,9 @@ from storage.models import (
     Result,
     ResultKind,
 )
+
+if TYPE_CHECKING:
+    from node.service import NodeService
 
 logger = logging.getLogger(__name__)
 
@@ -218,3 +223,44 @@ class NodeMetrics:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+
+class MetricsComponent:
+    """The endpoint plus a thread observing finished stages once a second."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: NodeMetrics, host: str, port: int, enabled: bool) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.metrics.poll()
+            except SQLAlchemyError as exc:
+                logger.warning("metrics poll failed (%s); retrying", exc)
+
+    def start(self) -> None:
+        """Serve the endpoint (when enabled) and observe stage timings."""
+        if self.enabled:
+            self.metrics.start(self.host, self.port)
+        self._thread = threading.Thread(target=self._loop, name="ichnode-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop observing and close the endpoint."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.metrics.stop()
+
+
+def component(service: NodeService) -> MetricsComponent:
+    """The metrics of ``ichnode serve`` (see :mod:`node.service`)."""
+    cfg = service.settings.metrics
+    return MetricsComponent(NodeMetrics(service.index), cfg.host, cfg.port, cfg.enabled)

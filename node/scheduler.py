@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -48,6 +49,10 @@ from storage.models import (
     Series,
     SeriesStatus,
 )
+
+if TYPE_CHECKING:
+    from node.scp import AssociationClosed, InstanceStored
+    from node.service import NodeService
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +254,9 @@ def _is_latest_job(session: Session, job: Job) -> bool:
 class Scheduler:
     """Watches the index for complete series and queues their jobs.
 
+    It is also an ``IngestListener`` of the SCP: a closed association wakes it
+    so a released series is seen without waiting for the next poll.
+
     Parameters
     ----------
     index : storage.index.Index
@@ -279,6 +287,16 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    name = "scheduler"
+
+    # -- SCP listener -------------------------------------------------------
+    def instance_stored(self, stored: InstanceStored) -> None:
+        """Nothing to do: the SCP already set ``series.last_instance_at``."""
+
+    def association_closed(self, closed: AssociationClosed) -> None:
+        """Look at the series of a closed association soon."""
+        self.wake()
 
     # -- decisions ---------------------------------------------------------
     def _released(self, session: Session, series: Series) -> bool:
@@ -440,7 +458,10 @@ class Scheduler:
             self._wake.clear()
 
     def start(self) -> None:
-        """Run the scheduler in a background thread."""
+        """Take up the jobs of a previous run, then run the scheduler in a background thread."""
+        taken = self.recover()
+        if taken:
+            logger.warning("%d job(s) were running when the node stopped; queued again", len(taken))
         self._thread = threading.Thread(target=self._loop, name="ichnode-scheduler", daemon=True)
         self._thread.start()
 
@@ -450,3 +471,16 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def component(service: NodeService) -> Scheduler:
+    """The scheduler of ``ichnode serve`` (see :mod:`node.service`)."""
+    settings = service.settings
+    scheduler = Scheduler(
+        service.index,
+        settings.scheduler.series_quiet_seconds,
+        settings.routing,
+        settings.jobs,
+    )
+    service.scp.add_listener(scheduler)
+    return scheduler

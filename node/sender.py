@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -34,10 +35,14 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.association import Association
 from sqlalchemy import or_, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import DeliverySettings, DestinationSettings
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, Result
+
+if TYPE_CHECKING:
+    from node.service import NodeService
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +245,8 @@ class Sender:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
+    name = "sender"
+
     # -- one pass ---------------------------------------------------------
     def _due(self, now: dt.datetime, limit: int) -> list[tuple[int, str, str, bool]]:
         with self.index.session(readonly=True) as session:
@@ -352,8 +359,8 @@ class Sender:
         while not self._stop.is_set():
             try:
                 outcome = self.send_once()
-            except Exception:  # keep the sender alive; the error is logged with its traceback
-                logger.exception("sender pass failed; retrying")
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("sender pass failed (%s); retrying", exc)
                 outcome = SendOutcome()
             if outcome.sent or outcome.retried or outcome.dead:
                 continue
@@ -373,3 +380,11 @@ class Sender:
             self._thread.join(timeout)
         for link in self.links.values():
             link.release()
+
+
+def component(service: NodeService) -> Sender:
+    """The outbox sender of ``ichnode serve`` (see :mod:`node.service`)."""
+    settings = service.settings
+    return Sender(
+        service.index, list(settings.destinations), settings.delivery, settings.node.ae_title
+    )

@@ -52,6 +52,7 @@ from storage.models import (
 
 if TYPE_CHECKING:
     from inference.predictor import Predictor
+    from node.service import NodeService
 
 logger = logging.getLogger(__name__)
 
@@ -396,7 +397,10 @@ def worker_main(
     from inference.predictor import Predictor
 
     settings = Settings(**settings_data)
-    index = Index(settings.storage.effective_database_url)
+    index = Index(
+        settings.storage.effective_database_url,
+        sqlite_synchronous=settings.storage.sqlite_synchronous,
+    )
     predictor = Predictor(
         weights=settings.inference.weights or None, device=settings.inference.device
     )
@@ -428,6 +432,10 @@ class WorkerPool:
         self._stop = self._ctx.Event()
         self._processes: list[SpawnProcess] = []
         self._ready: list[multiprocessing.synchronize.Event] = []
+        self._monitor_stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    name = "workers"
 
     def _spawn(self) -> tuple[SpawnProcess, multiprocessing.synchronize.Event]:
         ready = self._ctx.Event()
@@ -453,6 +461,12 @@ class WorkerPool:
             self._processes.append(process)
             self._ready.append(ready)
         logger.info("started %d worker process(es)", self.count)
+        self._monitor = threading.Thread(target=self._watch, name="ichnode-workers", daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        while not self._monitor_stop.wait(1.0):
+            self.check()
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every worker loaded its model."""
@@ -481,6 +495,9 @@ class WorkerPool:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let the workers finish their current job, then stop them."""
+        self._monitor_stop.set()
+        if self._monitor is not None:
+            self._monitor.join()
         self._stop.set()
         deadline = time.monotonic() + timeout
         for process in self._processes:
@@ -489,3 +506,8 @@ class WorkerPool:
                 logger.warning("worker pid %s did not stop in time; terminating", process.pid)
                 process.terminate()
                 process.join(5)
+
+
+def component(service: NodeService) -> WorkerPool:
+    """The worker processes of ``ichnode serve`` (see :mod:`node.service`)."""
+    return WorkerPool(service.settings, service.settings.inference.workers)
