@@ -10,13 +10,13 @@ import pydicom
 import pytest
 from pydicom.uid import (
     Comprehensive3DSRStorage,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from node import results
 from tests.node.conftest import FIXED_NOW, hu_volume, make_ct_series, make_findings
