@@ -432,6 +432,8 @@ class WorkerPool:
         self._stop = self._ctx.Event()
         self._processes: list[SpawnProcess] = []
         self._ready: list[multiprocessing.synchronize.Event] = []
+        self._failures: list[int] = []
+        self._restart_at: list[float] = []
         self._monitor_stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -460,6 +462,8 @@ class WorkerPool:
             process, ready = self._spawn()
             self._processes.append(process)
             self._ready.append(ready)
+            self._failures.append(0)
+            self._restart_at.append(0.0)
         logger.info("started %d worker process(es)", self.count)
         self._monitor = threading.Thread(target=self._watch, name="ichnode-workers", daemon=True)
         self._monitor.start()
@@ -474,16 +478,36 @@ class WorkerPool:
         return all(r.wait(max(0.0, deadline - time.monotonic())) for r in self._ready)
 
     def check(self) -> int:
-        """Restart workers that died; return how many were restarted."""
+        """Restart workers that died; return how many were restarted.
+
+        A worker that dies before its model is loaded (bad weights, no memory)
+        is restarted after a growing pause, so a broken installation does not
+        spin; one that dies while working is restarted at once.
+        """
         if self._stop.is_set():
             return 0
         restarted = 0
+        now = time.monotonic()
         for i, process in enumerate(self._processes):
-            if process.is_alive():
+            if process.is_alive() or now < self._restart_at[i]:
+                continue
+            if self._restart_at[i] == 0.0:  # first look at this exit
+                self._failures[i] = 0 if self._ready[i].is_set() else self._failures[i] + 1
+            pause = min(300.0, 5.0 * 2 ** (self._failures[i] - 1)) if self._failures[i] else 0.0
+            if pause and self._restart_at[i] == 0.0:
+                self._restart_at[i] = now + pause
+                logger.error(
+                    "worker pid %s exited with %s before its model was ready; "
+                    "starting another in %.0f s",
+                    process.pid,
+                    process.exitcode,
+                    pause,
+                )
                 continue
             logger.error(
                 "worker pid %s exited with %s; starting another", process.pid, process.exitcode
             )
+            self._restart_at[i] = 0.0
             self._processes[i], self._ready[i] = self._spawn()
             restarted += 1
         return restarted
