@@ -394,15 +394,19 @@ def worker_main(
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
-    from inference.predictor import Predictor
+    from inference.predictor import Predictor, WeightsError
 
     settings = Settings(**settings_data)
+    try:
+        predictor = Predictor(
+            weights=settings.inference.weights or None, device=settings.inference.device
+        )
+    except (WeightsError, ValueError, OSError) as exc:
+        logger.error("worker cannot load the model: %s", exc)
+        raise SystemExit(3) from None
     index = Index(
         settings.storage.effective_database_url,
         sqlite_synchronous=settings.storage.sqlite_synchronous,
-    )
-    predictor = Predictor(
-        weights=settings.inference.weights or None, device=settings.inference.device
     )
     runner = JobRunner(settings, index, predictor)
     ready.set()
