@@ -878,6 +878,233 @@ def generate_case(
     )
 
 
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "explicit": "1.2.840.10008.1.2.1",
+    "implicit": "1.2.840.10008.1.2",
+    "deflated": "1.2.840.10008.1.2.1.99",
+    "rle": "1.2.840.10008.1.2.5",
+    "jpegls": "1.2.840.10008.1.2.4.80",
+    "jpeg2000": "1.2.840.10008.1.2.4.90",
+}
+"""Names accepted by ``write_series(transfer_syntax=...)``; a UID is accepted too."""
+
+_WRITE_OPTIONS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "study_instance_uid",
+        "series_instance_uid",
+        "frame_of_reference_uid",
+        "series_description",
+        "series_number",
+        "study_date",
+        "transfer_syntax",
+        "signed",
+        "rescale_intercept",
+        "rescale_slope",
+        "padding_value",
+        "gantry_tilt",
+        "tilt_positions",
+        "slice_positions",
+        "shuffle",
+        "suffix",
+        "overrides",
+    }
+)
+
+
+def _uid(*parts: object) -> str:
+    """A UID determined by ``parts`` (so a seed always writes the same UIDs)."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["ichnode-phantom", *(str(p) for p in parts)]))
+
+
 def write_series(case: PhantomCase, out_dir: Path, **options: object) -> list[Path]:
-    """Write ``case`` as a real DICOM CT series into ``out_dir``; return the files."""
-    raise NotImplementedError
+    """Write ``case`` as a real DICOM CT Image Storage series into ``out_dir``.
+
+    Parameters
+    ----------
+    case
+        The phantom; slice k of ``case.hu`` becomes one instance.
+    out_dir
+        Created if missing.
+    **options
+        ``patient_name`` (``"Phantom^Head"``), ``patient_id`` (``"PHANTOM-<seed>"``),
+        ``study_instance_uid``, ``series_instance_uid``, ``frame_of_reference_uid``
+        (default: UIDs derived from the seed and the options), ``series_description``,
+        ``series_number``, ``study_date``;
+        ``transfer_syntax``: a key of :data:`TRANSFER_SYNTAXES` or a UID (default
+        explicit VR little endian; compressed ones are lossless);
+        ``signed`` (default True: PixelRepresentation 1, intercept 0; False:
+        unsigned 12-bit storage with intercept -1024), ``rescale_intercept``,
+        ``rescale_slope``;
+        ``padding_value``: stored value written outside the reconstruction circle
+        and declared as PixelPaddingValue;
+        ``gantry_tilt`` (degrees): oblique ImageOrientationPatient and
+        GantryDetectorTilt; ``tilt_positions`` ``"normal"`` (default: positions step
+        along the tilted normal) or ``"table"`` (positions step along z, as scanners
+        do, by spacing / cos(tilt));
+        ``slice_positions``: the position of each slice along the normal (mm), for
+        variable spacing (default ``case.slice_positions``);
+        ``shuffle``: random file names and InstanceNumbers that do not follow the
+        position; ``suffix`` (default ``".dcm"``; ``""`` for none);
+        ``overrides``: a mapping of DICOM keyword to value set on every instance.
+
+    Returns
+    -------
+    list of Path
+        ``paths[k]`` holds slice k.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage
+
+    unknown = sorted(set(options) - _WRITE_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown write_series option(s): {', '.join(unknown)}")
+    opt = dict(options)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_slices, rows, cols = case.hu.shape
+    dz, dy, dx = case.spacing
+
+    ts_name = str(opt.get("transfer_syntax", "explicit"))
+    transfer_syntax = UID(TRANSFER_SYNTAXES.get(ts_name, ts_name))
+    if not transfer_syntax.is_transfer_syntax:
+        raise ValueError(f"unknown transfer syntax {ts_name!r}")
+    signed = bool(opt.get("signed", True))
+    intercept = float(opt.get("rescale_intercept", 0.0 if signed else -1024.0))  # type: ignore[arg-type]
+    slope = float(opt.get("rescale_slope", 1.0))  # type: ignore[arg-type]
+    if slope <= 0:
+        raise ValueError("rescale_slope must be positive")
+    bits_stored = 16 if signed else 12
+    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 4095)
+    padding = opt.get("padding_value")
+    if padding is not None and not lo <= int(padding) <= hi:  # type: ignore[call-overload]
+        raise ValueError(f"padding_value {padding} does not fit the stored range {lo}..{hi}")
+
+    tilt = float(opt.get("gantry_tilt", 0.0))  # type: ignore[arg-type]
+    t = math.radians(tilt)
+    row_dir = np.array([1.0, 0.0, 0.0])
+    col_dir = np.array([0.0, math.cos(t), math.sin(t)])
+    normal = np.cross(row_dir, col_dir)
+    positions = opt.get("slice_positions")
+    if positions is None:
+        positions = (
+            case.slice_positions if case.slice_positions is not None else np.arange(n_slices) * dz
+        )
+    along = np.asarray(positions, dtype=float)
+    if along.shape != (n_slices,):
+        raise ValueError(f"slice_positions needs {n_slices} values, got {along.shape}")
+    tilt_positions = str(opt.get("tilt_positions", "normal"))
+    if tilt_positions not in ("normal", "table"):
+        raise ValueError("tilt_positions must be 'normal' or 'table'")
+    corner = -(cols - 1) / 2.0 * dx * row_dir - (rows - 1) / 2.0 * dy * col_dir
+    if tilt_positions == "table" and tilt:
+        # The table moves along z; the slices are sheared, the normal spacing is kept.
+        ipp = [corner + np.array([0.0, 0.0, 1.0]) * p / math.cos(t) for p in along]
+    else:
+        ipp = [corner + normal * p for p in along]
+
+    seed = case.seed
+    variant = repr(sorted((k, repr(v)) for k, v in opt.items() if "uid" not in k))
+    study_uid = str(opt.get("study_instance_uid") or _uid(seed, "study"))
+    series_uid = str(opt.get("series_instance_uid") or _uid(seed, "series", variant, study_uid))
+    frame_uid = str(opt.get("frame_of_reference_uid") or _uid(seed, "frame", series_uid))
+    description = str(opt.get("series_description", f"PHANTOM HEAD {dz:g}MM"))
+    study_date = str(opt.get("study_date", "20260101"))
+    overrides = opt.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise TypeError("overrides must be a mapping of DICOM keyword to value")
+
+    rng = np.random.default_rng([seed, 7919])
+    order = rng.permutation(n_slices) if opt.get("shuffle") else np.arange(n_slices)
+    suffix = str(opt.get("suffix", ".dcm"))
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    outside = ((yy - (rows - 1) / 2.0) ** 2 + (xx - (cols - 1) / 2.0) ** 2) > (
+        min(rows, cols) / 2.0
+    ) ** 2
+
+    paths: list[Path] = []
+    for k in range(n_slices):
+        stored = np.rint((case.hu[k].astype(np.float64) - intercept) / slope)
+        stored = np.clip(stored, lo, hi)
+        if padding is not None:
+            stored[outside] = int(padding)  # type: ignore[call-overload]
+        pixels = stored.astype(np.int16 if signed else np.uint16)
+        sop_uid = _uid(series_uid, k)
+
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study_date
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = "120000"
+        ds.AccessionNumber = ""
+        ds.Modality = "CT"
+        ds.Manufacturer = "ichnode synthetic phantom"
+        ds.ManufacturerModelName = "generate_case"
+        ds.SoftwareVersions = "1"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "HEAD PHANTOM"
+        ds.SeriesDescription = description
+        ds.PatientName = str(opt.get("patient_name", "Phantom^Head"))
+        ds.PatientID = str(opt.get("patient_id", f"PHANTOM-{seed}"))
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "HEAD"
+        ds.SliceThickness = f"{dz:g}"
+        ds.KVP = "120"
+        ds.DataCollectionDiameter = "250"
+        ds.ReconstructionDiameter = f"{cols * dx:.3f}"
+        ds.GantryDetectorTilt = f"{tilt:g}"
+        ds.TableHeight = "150"
+        ds.ConvolutionKernel = "SMOOTH"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = str(opt.get("series_number", 2))
+        ds.AcquisitionNumber = "1"
+        ds.InstanceNumber = str(int(order[k]) + 1)
+        ds.ImagePositionPatient = [f"{c:.4f}" for c in ipp[k]]
+        ds.ImageOrientationPatient = [f"{c:.6f}" for c in (*row_dir, *col_dir)]
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = f"{along[k]:.4f}"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.PixelSpacing = [f"{dy:.6f}", f"{dx:.6f}"]
+        ds.BitsAllocated = 16
+        ds.BitsStored = bits_stored
+        ds.HighBit = bits_stored - 1
+        ds.PixelRepresentation = 1 if signed else 0
+        if padding is not None:
+            ds.PixelPaddingValue = int(padding)  # type: ignore[call-overload]
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "80"
+        ds.RescaleIntercept = f"{intercept:g}"
+        ds.RescaleSlope = f"{slope:g}"
+        ds.RescaleType = "HU"
+        for keyword, value in overrides.items():
+            setattr(ds, keyword, value)
+
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        if transfer_syntax.is_compressed:
+            ds.file_meta.TransferSyntaxUID = UID(TRANSFER_SYNTAXES["explicit"])
+            ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
+        else:
+            ds.file_meta.TransferSyntaxUID = transfer_syntax
+            ds.PixelData = pixels.tobytes()
+        name = f"IM{int(rng.integers(0, 10**8)):08d}" if opt.get("shuffle") else f"CT{k + 1:04d}"
+        path = out_dir / f"{name}{suffix}"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    logger.debug("wrote %d phantom instances to %s", len(paths), out_dir)
+    return paths
