@@ -1,0 +1,181 @@
+"""``ichnode analyze PATH... [--out DIR] [--json] [--device auto|cpu|cuda] [--weights W]``.
+
+Analyses DICOM files and folders without a database or a network: groups the
+files into series, runs the hemorrhage model on each CT series, writes the
+SEG/SR/SC objects to ``--out`` and, with ``--json``, prints exactly one JSON
+document on stdout (``{"series": [...]}``, see DESIGN.md). Logs and progress go
+to stderr only.
+
+Exit codes: 0 when every series was analysed (series that are ichnode's own
+output are skipped and do not count against it); 1 when some input could not
+be analysed (a skipped series, a file that is not readable DICOM); 2 when
+nothing could be done (a path that does not exist, unusable weights or device,
+an output folder that cannot be written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+logger = logging.getLogger(__name__)
+
+OWN_OUTPUT_REASON = "ichnode output (SEG/SR/key images), not analysed"
+
+
+class AnalyzeError(Exception):
+    """A failure that stops the whole command; its message is one line for stderr."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _skipped(datasets: list[Dataset], series_instance_uid: str, reason: str) -> dict[str, Any]:
+    study_instance_uid = str(datasets[0].get("StudyInstanceUID", "")) if datasets else ""
+    return {
+        "study_instance_uid": study_instance_uid,
+        "series_instance_uid": series_instance_uid,
+        "outputs": [],
+        "skipped": reason,
+    }
+
+
+class _Analyzer:
+    """Holds the predictor (made once, on the first series that needs it)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.weights = args.weights or None
+        self.device = args.device
+        self.out_dir = Path(args.out) if args.out else None
+        self._predictor: Any = None
+
+    def predictor(self) -> Any:
+        if self._predictor is None:
+            from inference.predictor import Predictor, WeightsError
+
+            try:
+                self._predictor = Predictor(weights=self.weights, device=self.device)
+            except (WeightsError, ValueError, OSError) as exc:
+                raise AnalyzeError(f"cannot load the model: {_first_line(exc)}") from exc
+        return self._predictor
+
+    def series(self, series_instance_uid: str, datasets: list[Dataset]) -> dict[str, Any]:
+        """Analyse one series; return its entry of the JSON document."""
+        from inference.volume import SeriesSkipped, load_volume
+        from node.results import is_ichnode_output, write_results
+
+        if any(is_ichnode_output(ds) for ds in datasets):
+            return _skipped(datasets, series_instance_uid, OWN_OUTPUT_REASON)
+        try:
+            volume = load_volume(datasets)
+        except SeriesSkipped as exc:
+            return _skipped(datasets, series_instance_uid, exc.reason)
+        except (ValueError, TypeError, AttributeError, KeyError, EOFError, OSError) as exc:
+            # pixel data that does not decode (truncated file, broken encapsulation)
+            logger.debug("series %s: load failed", series_instance_uid, exc_info=True)
+            return _skipped(
+                datasets, series_instance_uid, f"cannot read the images: {_first_line(exc)}"
+            )
+        logger.info(
+            "analysing series %s (%d slices)", series_instance_uid, len(volume.sop_instance_uids)
+        )
+        findings = self.predictor().predict(volume, explain=True)
+        outputs: list[str] = []
+        if self.out_dir is not None:
+            try:
+                paths = write_results(findings, volume.datasets, self.out_dir, hu=volume.hu)
+            except OSError as exc:
+                raise AnalyzeError(
+                    f"cannot write results to {self.out_dir}: {_first_line(exc)}"
+                ) from exc
+            outputs = [str(path) for path in paths]
+        entry = findings.to_json()
+        entry["outputs"] = outputs
+        entry["skipped"] = None
+        logger.info(
+            "series %s: hemorrhage %s (p=%.3f), %d objects written",
+            series_instance_uid,
+            "present" if findings.hemorrhage_present else "absent",
+            findings.hemorrhage_probability,
+            len(outputs),
+        )
+        return entry
+
+
+def _summary_line(entry: dict[str, Any]) -> str:
+    uid = entry["series_instance_uid"]
+    if entry["skipped"] is not None:
+        return f"{uid}: skipped ({entry['skipped']})"
+    found = [name for name, sub in entry["subtypes"].items() if sub["present"]]
+    verdict = "hemorrhage" if entry["hemorrhage"]["present"] else "no hemorrhage"
+    detail = f" [{', '.join(found)}]" if found else ""
+    return (
+        f"{uid}: {verdict} (p={entry['hemorrhage']['probability']:.2f}){detail}, "
+        f"{len(entry['outputs'])} objects"
+    )
+
+
+def analyze(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """Run the analysis; return the JSON document and the exit code."""
+    from inference.volume import read_series
+
+    paths = [Path(p) for p in args.paths]
+    for path in paths:
+        if not path.exists():
+            raise AnalyzeError(f"no such file or folder: {path}")
+    if args.out:
+        out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise AnalyzeError(f"--out {out_dir} exists and is not a folder")
+    groups, unreadable = read_series(paths)
+    for path, reason in unreadable:
+        print(f"ichnode analyze: {path}: {reason}", file=sys.stderr)
+    if not groups and unreadable:
+        logger.warning("no readable DICOM among the %d files given", len(unreadable))
+
+    analyzer = _Analyzer(args)
+    entries: list[dict[str, Any]] = []
+    for series_instance_uid, datasets in groups.items():
+        entries.append(analyzer.series(series_instance_uid, list(datasets)))
+
+    failed = bool(unreadable) or not (groups or unreadable)
+    for entry in entries:
+        if entry["skipped"] is not None and entry["skipped"] != OWN_OUTPUT_REASON:
+            print(
+                f"ichnode analyze: series {entry['series_instance_uid']} skipped: "
+                f"{entry['skipped']}",
+                file=sys.stderr,
+            )
+            failed = True
+    if not groups and not unreadable:
+        print("ichnode analyze: no files found", file=sys.stderr)
+    return {"series": entries}, (1 if failed else 0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``ichnode analyze``; returns the exit code."""
+    real_stdout = sys.stdout
+    try:
+        # Nothing but the JSON document may reach stdout: whatever a library
+        # prints while we work goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            document, code = analyze(args)
+    except AnalyzeError as exc:
+        print(f"ichnode analyze: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        real_stdout.write(json.dumps(document) + "\n")
+    else:
+        for entry in document["series"]:
+            real_stdout.write(_summary_line(entry) + "\n")
+    real_stdout.flush()
+    return code
