@@ -1,0 +1,239 @@
+"""Latency of the whole loop: last instance stored to the SR acknowledged by the PACS.
+
+``python -m bench.latency [--series N]`` starts a real Orthanc (the PACS) and a
+real ``ichnode serve`` with the default settings (scheduler, one worker, outbox
+backoff) and Orthanc as its destination, then, one study at a time, sends a
+40-slice 512x512 phantom CT series with DCMTK ``storescu`` (``TCP_NODELAY=1``)
+and measures the time from ``storescu``'s return (after the last instance's
+success status and the release) to the delivery row of the SR being
+acknowledged by Orthanc (``deliveries.acked_at``). Reports median and p95, the
+per-stage breakdown from the index (the timings the metrics histograms
+observe) and the node's own ``ichnode_stage_seconds`` histograms, in the
+``latency`` section of ``docs/BENCHMARKS.md`` and ``bench/results/latency.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+
+from bench.common import REPO, dcmtk_env, machine, tool_version, write_benchmark_section
+from storage.models import Delivery, Job, Result, ResultKind, Series
+
+SLICES = 40
+MATRIX = 512
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _write_study(folder: Path, seed: int) -> tuple[str, list[Path]]:
+    from pydicom import dcmread
+
+    from inference.phantom import generate_case, write_series
+
+    subtypes = ("intraparenchymal",) if seed % 2 else ()
+    case = generate_case(seed, n_slices=SLICES, matrix=MATRIX, subtypes=subtypes)
+    files = write_series(case, folder, patient_id=f"BENCH-{seed}")
+    return str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID), files
+
+
+def _sr_row(node: Any, series_instance_uid: str) -> dict[str, Any] | None:
+    with node.index.session(readonly=True) as session:
+        row = session.execute(
+            select(Delivery.acked_at, Job)
+            .join(Result, Result.id == Delivery.result_id)
+            .join(Job, Job.id == Result.job_id)
+            .join(Series, Series.id == Result.series_id)
+            .where(
+                Series.series_instance_uid == series_instance_uid,
+                Result.kind == ResultKind.SR,
+                Delivery.acked_at.is_not(None),
+            )
+        ).first()
+        if row is None:
+            return None
+        acked_at, job = row
+        return {
+            "acked_at": acked_at,
+            "received_at": job.received_at,
+            "queued_at": job.created_at,
+            "claimed_at": job.claimed_at,
+            "finished_at": job.finished_at,
+            "inference_s": job.inference_seconds,
+            "encoding_s": job.encoding_seconds,
+        }
+
+
+def _stage_histograms(text: str) -> dict[str, dict[str, float]]:
+    stages: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "ichnode_stage_seconds":
+            continue
+        for sample in family.samples:
+            stage = sample.labels.get("stage", "")
+            if sample.name.endswith("_sum"):
+                stages.setdefault(stage, {})["sum"] = sample.value
+            elif sample.name.endswith("_count"):
+                stages.setdefault(stage, {})["count"] = sample.value
+    return {
+        k: {"count": v.get("count", 0.0), "mean_s": v.get("sum", 0.0) / max(1.0, v.get("count", 0))}
+        for k, v in stages.items()
+    }
+
+
+def run(n_series: int, workdir: Path) -> dict[str, Any]:
+    """Run the benchmark in ``workdir``; return the results document."""
+    from tests.loop.harness import Destination, NodeRunner
+    from tests.orthanc import Orthanc
+
+    studies = []
+    for i in range(n_series):
+        print(f"writing phantom series {i + 1}/{n_series}", file=sys.stderr)
+        studies.append(_write_study(workdir / f"series-{i}", 1000 + i))
+    orthanc = Orthanc(workdir / "orthanc")
+    orthanc.start()
+    # Default settings: only ports, paths and the destination are configured.
+    node = NodeRunner(
+        workdir / "node",
+        [Destination("pacs", orthanc.aet, orthanc.dicom_port)],
+        sqlite_synchronous=None,
+        device=None,
+    )
+    rows: list[dict[str, Any]] = []
+    try:
+        node.start()
+        for i, (series_uid, files) in enumerate(studies):
+            run_ = subprocess.run(
+                ["storescu", "-aet", "SCANNER", "-aec", node.ae_title, "127.0.0.1", str(node.port)]
+                + [str(f) for f in files],
+                env=dcmtk_env(),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            sent_at = dt.datetime.now(dt.UTC)
+            if run_.returncode != 0:
+                raise RuntimeError(f"storescu failed: {run_.stderr[-500:]}")
+            deadline = time.monotonic() + 300
+            row = None
+            while row is None and time.monotonic() < deadline:
+                row = _sr_row(node, series_uid)
+                if row is None:
+                    time.sleep(0.05)
+            if row is None:
+                raise RuntimeError(f"no SR acknowledged for series {i}: {node.log_tail()}")
+            row["sent_at"] = sent_at
+            row["latency_s"] = (row["acked_at"] - sent_at).total_seconds()
+            rows.append(row)
+            print(f"series {i + 1}: {row['latency_s']:.2f} s", file=sys.stderr)
+        metrics = _stage_histograms(node.scrape())
+    finally:
+        node.stop()
+        orthanc.stop()
+
+    def stage(name: str, a: str, b: str) -> list[float]:
+        return [(r[b] - r[a]).total_seconds() for r in rows]
+
+    latencies = [r["latency_s"] for r in rows]
+    breakdown = {
+        "ready_wait_s": stage("ready", "received_at", "queued_at"),
+        "queue_wait_s": stage("queue", "queued_at", "claimed_at"),
+        "inference_s": [float(r["inference_s"]) for r in rows],
+        "encoding_s": [float(r["encoding_s"]) for r in rows],
+        "job_total_s": stage("job", "claimed_at", "finished_at"),
+        "delivery_s": stage("delivery", "finished_at", "acked_at"),
+    }
+    return {
+        "benchmark": "latency",
+        "machine": machine(),
+        "tools": {"storescu": tool_version("storescu"), "orthanc": "Orthanc (tests.orthanc)"},
+        "series": n_series,
+        "slices": SLICES,
+        "matrix": MATRIX,
+        "settings": "defaults (series_quiet_seconds 5, 1 worker, cpu, release grace 1 s)",
+        "latency_s": {
+            "median": statistics.median(latencies),
+            "p95": _percentile(latencies, 0.95),
+            "min": min(latencies),
+            "max": max(latencies),
+            "all": [round(v, 3) for v in latencies],
+        },
+        "stages_median_s": {k: statistics.median(v) for k, v in breakdown.items()},
+        "metrics_histograms": metrics,
+        "target_p95_s": 10.0,
+    }
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lat = doc["latency_s"]
+    lines = [
+        "## Latency: last instance to the SR acknowledged by the PACS",
+        "",
+        f"Machine: {m['nproc']} CPU(s), {m['cpu']}; {m['date']}; Python {m['python']}.",
+        (
+            f"`python -m bench.latency`: {doc['series']} studies, one at a time, each a "
+            f"{doc['slices']}-slice {doc['matrix']}x{doc['matrix']} phantom CT series sent with "
+            "`storescu` (TCP_NODELAY=1) to `ichnode serve` (default settings, CPU, one worker) "
+            "with a real Orthanc as destination. Time from `storescu` returning (last success "
+            "status + release) to `deliveries.acked_at` of the SR."
+        ),
+        "",
+        "| | median | p95 | min | max | target p95 |",
+        "| --- | --- | --- | --- | --- | --- |",
+        (
+            f"| latency (s) | {lat['median']:.2f} | {lat['p95']:.2f} | {lat['min']:.2f} | "
+            f"{lat['max']:.2f} | {doc['target_p95_s']:.0f} |"
+        ),
+        "",
+        "Stage breakdown (median over the series, from the index rows the metrics observe):",
+        "",
+        "| stage | median (s) |",
+        "| --- | --- |",
+    ]
+    for name, value in doc["stages_median_s"].items():
+        lines.append(f"| {name} | {value:.2f} |")
+    lines += ["", "`ichnode_stage_seconds` histograms scraped from the node (mean):", ""]
+    lines += ["| stage | count | mean (s) |", "| --- | --- | --- |"]
+    for name, h in sorted(doc["metrics_histograms"].items()):
+        lines.append(f"| {name} | {h['count']:.0f} | {h['mean_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run, print the JSON, write the report section."""
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
+    parser.add_argument("--series", type=int, default=10, help="studies to send (at least 10)")
+    parser.add_argument("--no-write", action="store_true", help="do not update the report")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ichnode-latency-") as tmp:
+        doc = run(max(1, args.series), Path(tmp))
+    print(json.dumps(doc, indent=2, default=str))
+    if not args.no_write:
+        out = REPO / "bench" / "results" / "latency.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        write_benchmark_section("latency", _markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
