@@ -75,7 +75,7 @@ class StorageSettings(_Section):
     root: Path = Path("ichnode-data")
     database_url: str = ""
     min_free_disk_mb: int = Field(2048, ge=0)
-    sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
+    sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "NORMAL"
 
     @property
     def effective_database_url(self) -> str:

@@ -27,13 +27,17 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any, Protocol, cast
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -153,6 +157,22 @@ class _AssociationState:
     closing: bool = False
     closed: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+def _before_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) >= 0x7FE00010
+
+
+def _read_header(event: evt.Event, transfer_syntax: str) -> Dataset:
+    """Decode the received dataset up to (not including) Pixel Data."""
+    uid = UID(transfer_syntax)
+    if uid.is_deflated:
+        return event.dataset  # pynetdicom inflates it
+    raw = cast(C_STORE, event.request).DataSet
+    stream = BytesIO(raw.getvalue())  # type: ignore[union-attr]
+    return read_dataset(
+        stream, uid.is_implicit_VR, uid.is_little_endian, stop_when=_before_pixel_data
+    )
 
 
 def _idle(state: _AssociationState) -> Callable[[], bool]:
@@ -440,7 +460,7 @@ class StorageSCP:
 
         transfer_syntax = str(event.context.transfer_syntax)
         try:
-            ds = event.dataset
+            ds = _read_header(event, transfer_syntax)
             meta = InstanceMeta.from_dataset(
                 ds,
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),

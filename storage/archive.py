@@ -3,7 +3,7 @@
 Files live at ``<root>/dicom/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 and hold the dataset bytes exactly as they arrived (transfer syntax preserved)
 behind a File Meta Information header. A file is written to a temporary name in
-its final folder, fsynced, renamed over the final name and the folder fsynced,
+its final folder, fsynced (fdatasync), renamed over the final name and the folder fsynced,
 so after :meth:`Archive.store` returns the file survives a crash or power loss,
 and a reader never sees a half-written file. Storing the same SOP Instance UID
 again replaces the file atomically.
@@ -15,7 +15,8 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +56,53 @@ def check_uid(value: str, name: str) -> str:
     return value
 
 
+_SHORT_VRS = {"UI": b"\x00", "SH": b" ", "AE": b" ", "CS": b" "}
+
+
+def _fast_encode(file_meta: FileMetaDataset) -> bytes | None:
+    """Encode a usual File Meta group by hand (pydicom's writer costs ~1 ms a file).
+
+    Returns ``None`` for any element it does not handle; the caller falls back to pydicom.
+    """
+    parts: list[bytes] = []
+    for elem in sorted(file_meta.elements(), key=lambda e: e.tag):
+        tag = int(elem.tag)
+        if tag == 0x00020000:
+            continue
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        vr = str(elem.VR)
+        if vr in _SHORT_VRS and isinstance(elem.value, str):
+            value = elem.value.encode("ascii")
+            if len(value) % 2:
+                value += _SHORT_VRS[vr]
+            parts.append(head + vr.encode() + struct.pack("<H", len(value)) + value)
+        elif vr == "OB" and isinstance(elem.value, bytes):
+            value = elem.value + (b"\x00" if len(elem.value) % 2 else b"")
+            parts.append(head + b"OB\x00\x00" + struct.pack("<I", len(value)) + value)
+        else:
+            return None
+    body = b"".join(parts)
+    return b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body)) + body
+
+
 def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     """Return the encoded File Meta Information group, group length included."""
+    if "FileMetaInformationVersion" not in file_meta:
+        file_meta.FileMetaInformationVersion = b"\x00\x01"
+    try:
+        fast = _fast_encode(file_meta)
+    except UnicodeEncodeError:
+        fast = None
+    if fast is not None:
+        return fast
     buffer = DicomBytesIO()
     buffer.is_little_endian = True
     buffer.is_implicit_VR = False
     write_file_meta_info(buffer, file_meta, enforce_standard=True)
     return buffer.getvalue()
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -150,18 +191,21 @@ class Archive:
         final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid)
         header = PREAMBLE + encode_file_meta(file_meta)
         folder = final.parent
+        # Unique per instance and thread: two associations sending the same
+        # instance at once never share a temporary file.
+        tmp = folder / f".incoming-{sop_instance_uid}-{threading.get_ident()}.tmp"
         try:
             self._ensure_dir(folder)
-            fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise ArchiveError(f"cannot create a file in {folder}: {exc}") from exc
-        tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(header)
                 fh.write(dataset_bytes)
                 fh.flush()
-                os.fsync(fh.fileno())
+                # fdatasync: the data and the size, not the access times.
+                _datasync(fh.fileno())
             os.replace(tmp, final)
             _fsync_dir(folder)
         except OSError as exc:

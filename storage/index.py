@@ -13,11 +13,17 @@ SQLite settings and why
 Every connection gets ``journal_mode=WAL`` (readers never block the writer),
 ``busy_timeout`` (other processes such as the UI wait instead of failing),
 ``foreign_keys=ON`` and ``synchronous`` from ``storage.sqlite_synchronous``.
-The default is ``FULL``: each commit fsyncs the WAL, so a C-STORE success
-(sent after the commit) survives a power loss, like the archive file that was
-fsynced before it. ``NORMAL`` skips that fsync; commits still survive a crash
-or SIGKILL of the process (the WAL is written before COMMIT returns), only the
-last commits may be lost on power loss. Write sessions start with
+ichnode chooses ``NORMAL`` by default: in WAL mode a commit is written to the
+WAL before COMMIT returns, so a row whose C-STORE got success survives a crash
+or SIGKILL of the process (``tests/node/test_serve_durability.py`` kills the
+node right after a success and checks); only a power loss can drop the last
+commits (the WAL is fsynced at checkpoints, not at every commit). The archive
+file itself is always fsynced before the success. ``FULL`` fsyncs the WAL at
+every commit as well (power-loss safe index); it costs one more fsync per
+instance, which serialises all associations behind the index lock (measured in
+``bench/ingest.py``). The C-STORE path on SQLite uses plain DB-API statements
+(two statements and a commit per instance) rather than the ORM, which cost
+several milliseconds of CPU per instance. Write sessions start with
 ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade; in-process
 writers are also serialised by a lock, so threads queue in Python rather than
 spin on ``SQLITE_BUSY``.
@@ -28,13 +34,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import DateTime, Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -288,7 +294,7 @@ class Index:
         self,
         url: str,
         *,
-        sqlite_synchronous: Synchronous = "FULL",
+        sqlite_synchronous: Synchronous = "NORMAL",
         busy_timeout_ms: int = 30_000,
     ) -> None:
         self.url = url
@@ -310,6 +316,11 @@ class Index:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
         self._write_lock = threading.Lock()
+        # series_instance_uid -> (series id, study id) of committed rows; saves
+        # a SELECT per instance on the C-STORE path.
+        self._series_cache: dict[str, tuple[int, int]] = {}
+        processor = DateTime().dialect_impl(self.engine.dialect).bind_processor(self.engine.dialect)
+        self._sqlite_datetime: Callable[[Any], Any] = processor or (lambda value: value)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -504,50 +515,169 @@ class Index:
         record the re-send. ``series.last_instance_at`` is set either way.
         """
         now = received_at or utcnow()
+        values: dict[str, Any] = {
+            "sop_class_uid": meta.sop_class_uid,
+            "transfer_syntax_uid": meta.transfer_syntax_uid,
+            "instance_number": meta.instance_number,
+            "path": str(path),
+            "size": int(size),
+            "calling_ae": calling_ae,
+            "association_id": association_id,
+        }
+        if self.is_sqlite:
+            fast = self._record_instance_sqlite(meta, now, values)
+            if fast is not None:
+                return fast
         with self.session() as session:
             series_id, study_id = self._series_for(session, meta, now)
-            existing = session.execute(
-                select(Instance.id, Instance.path).where(
-                    Instance.sop_instance_uid == meta.sop_instance_uid
-                )
-            ).first()
-            values = {
-                "series_id": series_id,
-                "sop_class_uid": meta.sop_class_uid,
-                "transfer_syntax_uid": meta.transfer_syntax_uid,
-                "instance_number": meta.instance_number,
-                "path": str(path),
-                "size": int(size),
-                "calling_ae": calling_ae,
-                "association_id": association_id,
-            }
-            if existing is None:
-                instance_id = session.execute(
-                    insert(Instance)
-                    .values(
-                        sop_instance_uid=meta.sop_instance_uid,
-                        received_at=now,
-                        resend_count=0,
-                        **values,
-                    )
-                    .returning(Instance.id)
-                ).scalar_one()
-                return RecordedInstance(int(instance_id), series_id, study_id, resent=False)
-            session.execute(
-                update(Instance)
-                .where(Instance.id == existing.id)
-                .values(
-                    resend_count=Instance.resend_count + 1,
-                    last_resent_at=now,
+            values["series_id"] = series_id
+            # Hot path: one INSERT that does nothing when the UID is known.
+            new_id = session.execute(
+                self._insert_instance(
+                    sop_instance_uid=meta.sop_instance_uid,
+                    received_at=now,
+                    resend_count=0,
                     **values,
                 )
+            ).scalar_one_or_none()
+            if new_id is not None:
+                result = RecordedInstance(int(new_id), series_id, study_id, resent=False)
+            else:
+                existing = session.execute(
+                    select(Instance.id, Instance.path).where(
+                        Instance.sop_instance_uid == meta.sop_instance_uid
+                    )
+                ).one()
+                session.execute(
+                    update(Instance)
+                    .where(Instance.id == existing.id)
+                    .values(resend_count=Instance.resend_count + 1, last_resent_at=now, **values)
+                )
+                previous = existing.path if existing.path != str(path) else None
+                result = RecordedInstance(int(existing.id), series_id, study_id, True, previous)
+        # Cache only what was committed.
+        self._series_cache[meta.series_instance_uid] = (series_id, study_id)
+        return result
+
+    def _record_instance_sqlite(
+        self, meta: InstanceMeta, now: dt.datetime, values: dict[str, Any]
+    ) -> RecordedInstance | None:
+        """The C-STORE hot path on SQLite: plain DB-API statements, one transaction.
+
+        Only for a series already indexed (and cached); returns ``None`` to send
+        the caller down the general path otherwise. Same rows, same timestamp
+        format as the SQLAlchemy path (the dialect's DATETIME processor).
+        """
+        cached = self._series_cache.get(meta.series_instance_uid)
+        if cached is None:
+            return None
+        series_id, study_id = cached
+        stamp = self._sqlite_datetime(now.astimezone(dt.UTC).replace(tzinfo=None))
+        with self._write_lock:
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    cur.execute(
+                        "UPDATE series SET last_instance_at = ? WHERE id = ?", (stamp, series_id)
+                    )
+                    if cur.rowcount != 1:  # the series was deleted meanwhile
+                        cur.execute("ROLLBACK")
+                        self._series_cache.pop(meta.series_instance_uid, None)
+                        return None
+                    row = cur.execute(
+                        "INSERT INTO instances (sop_instance_uid, series_id, sop_class_uid,"
+                        " transfer_syntax_uid, instance_number, path, size, received_at,"
+                        " calling_ae, association_id, resend_count)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+                        " ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id",
+                        (
+                            meta.sop_instance_uid,
+                            series_id,
+                            values["sop_class_uid"],
+                            values["transfer_syntax_uid"],
+                            values["instance_number"],
+                            values["path"],
+                            values["size"],
+                            stamp,
+                            values["calling_ae"],
+                            values["association_id"],
+                        ),
+                    ).fetchone()
+                    if row is not None:
+                        result = RecordedInstance(int(row[0]), series_id, study_id, resent=False)
+                    else:
+                        instance_id, old_path = cur.execute(
+                            "SELECT id, path FROM instances WHERE sop_instance_uid = ?",
+                            (meta.sop_instance_uid,),
+                        ).fetchone()
+                        cur.execute(
+                            "UPDATE instances SET series_id = ?, sop_class_uid = ?,"
+                            " transfer_syntax_uid = ?, instance_number = ?, path = ?, size = ?,"
+                            " calling_ae = ?, association_id = ?,"
+                            " resend_count = resend_count + 1, last_resent_at = ? WHERE id = ?",
+                            (
+                                series_id,
+                                values["sop_class_uid"],
+                                values["transfer_syntax_uid"],
+                                values["instance_number"],
+                                values["path"],
+                                values["size"],
+                                values["calling_ae"],
+                                values["association_id"],
+                                stamp,
+                                instance_id,
+                            ),
+                        )
+                        previous = old_path if old_path != values["path"] else None
+                        result = RecordedInstance(
+                            int(instance_id), series_id, study_id, True, previous
+                        )
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                finally:
+                    cur.close()
+            finally:
+                raw.close()  # back to the pool
+        return result
+
+    def _insert_instance(self, **values: Any) -> Any:
+        """``INSERT ... ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id``."""
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            from sqlalchemy.dialects import sqlite
+
+            return (
+                sqlite.insert(Instance)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+                .returning(Instance.id)
             )
-            previous = existing.path if existing.path != str(path) else None
-            return RecordedInstance(int(existing.id), series_id, study_id, True, previous)
+        if dialect == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            return (
+                postgresql.insert(Instance)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=[Instance.sop_instance_uid])
+                .returning(Instance.id)
+            )
+        raise NotImplementedError(f"the index supports SQLite and PostgreSQL, not {dialect}")
 
     def _series_for(
         self, session: Session, meta: InstanceMeta, now: dt.datetime
     ) -> tuple[int, int]:
+        cached = self._series_cache.get(meta.series_instance_uid)
+        if cached is not None:
+            touched = session.execute(
+                update(Series).where(Series.id == cached[0]).values(last_instance_at=now)
+            )
+            if touched.rowcount == 1:  # type: ignore[attr-defined]
+                return cached
+            self._series_cache.pop(meta.series_instance_uid, None)  # deleted meanwhile
         row = session.execute(
             select(Series.id, Series.study_pk).where(
                 Series.series_instance_uid == meta.series_instance_uid

@@ -1,0 +1,1 @@
+"""ichnode benchmarks; each is run as ``python -m bench.NAME``."""

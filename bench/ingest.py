@@ -1,0 +1,298 @@
+"""Ingest benchmark: DCMTK ``storescu`` sends one 300-instance 512x512 CT series to
+ichnode (file fsync + index commit per instance), to DCMTK ``storescp`` and to
+Orthanc, alternating runs, over one association and over 8 in parallel.
+
+Run: ``.venv/bin/python -m bench.ingest [--runs N] [--instances N]``. Writes the
+``ingest`` section of ``docs/BENCHMARKS.md`` and ``bench/results/ingest.json``.
+Each run starts the receiver fresh on an empty storage folder, so nothing is a
+re-send; only the ``storescu`` processes are timed (from their start to the
+last one's exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.common import (
+    REPO,
+    dcmtk_env,
+    free_port,
+    machine,
+    tool_version,
+    wait_for_port,
+    write_benchmark_section,
+    write_ct_series,
+)
+
+PEERS = ("ichnode", "storescp", "orthanc")
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+@contextmanager
+def ichnode_peer(work: Path, synchronous: str) -> Iterator[tuple[str, int]]:
+    """Run ``ichnode serve`` (the real CLI) on a free port; yield (AE title, port)."""
+    port = free_port()
+    cfg = work / "ichnode.toml"
+    cfg.write_text(
+        f"[node]\nport = {port}\nmax_associations = 16\n"
+        f'[storage]\nroot = "{work / "ichnode-data"}"\nmin_free_disk_mb = 64\n'
+        f'sqlite_synchronous = "{synchronous}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=(work / "ichnode.log").open("wb"),
+    )
+    try:
+        wait_for_port(port, 60)
+        yield "ICHNODE", port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
+def storescp_peer(work: Path) -> Iterator[tuple[str, int]]:
+    """Run DCMTK ``storescp --fork`` writing files bit-preserved; yield (AE title, port)."""
+    port = free_port()
+    out = work / "storescp-data"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [
+            "storescp",
+            "--fork",
+            "-aet",
+            "STORESCP",
+            "-pdu",
+            "131072",
+            "+B",
+            "-od",
+            str(out),
+            str(port),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 30)
+        yield "STORESCP", port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
+def orthanc_peer(work: Path) -> Iterator[tuple[str, int]]:
+    """Run Orthanc from a temporary config (its defaults otherwise); yield (AE title, port)."""
+    port, http_port = free_port(), free_port()
+    storage = work / "orthanc-data"
+    cfg = work / "orthanc.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "Name": "bench",
+                "DicomAet": "ORTHANC",
+                "DicomPort": port,
+                "HttpPort": http_port,
+                "StorageDirectory": str(storage),
+                "IndexDirectory": str(storage),
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "DicomCheckCalledAet": False,
+                "Plugins": [],
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [ORTHANC, str(cfg)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(work / "orthanc.log").open("wb"),
+    )
+    try:
+        wait_for_port(port, 60)
+        yield "ORTHANC", port
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def send(files: list[Path], ae_title: str, port: int, associations: int) -> float:
+    """Send ``files`` with ``associations`` parallel storescu processes; return seconds."""
+    chunks = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCHSCU", "-aec", ae_title, "127.0.0.1", str(port)]
+            + [str(p) for p in chunk],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+        if chunk
+    ]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            errors.append(err.decode(errors="replace")[-500:])
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"storescu failed against {ae_title}: {errors[0]}")
+    return elapsed
+
+
+def count_stored(peer: str, work: Path) -> int:
+    """Count what the peer stored (checks the run really delivered everything)."""
+    if peer == "ichnode":
+        return sum(1 for _ in (work / "ichnode-data" / "dicom").rglob("*.dcm"))
+    if peer == "storescp":
+        return sum(1 for p in (work / "storescp-data").iterdir() if p.is_file())
+    return sum(
+        1
+        for p in (work / "orthanc-data").rglob("*")
+        if p.is_file() and len(p.name) == 36 and p.suffix == ""
+    )
+
+
+def run_benchmark(runs: int, instances: int, parallel: int, synchronous: str) -> dict[str, object]:
+    """Run every peer and mode ``runs`` times, alternating; return the results."""
+    root = Path(tempfile.mkdtemp(prefix="ichnode-bench-ingest-"))
+    try:
+        files = write_ct_series(root / "series", instances)
+        size_mb = sum(p.stat().st_size for p in files) / 1e6
+        samples: dict[str, dict[str, list[float]]] = {
+            p: {"single": [], f"parallel{parallel}": []} for p in PEERS
+        }
+        for run in range(runs):
+            for mode, n_assoc in (("single", 1), (f"parallel{parallel}", parallel)):
+                for peer in PEERS:
+                    work = root / f"{peer}-{mode}-{run}"
+                    work.mkdir()
+                    if peer == "ichnode":
+                        ctx = ichnode_peer(work, synchronous)
+                    elif peer == "storescp":
+                        ctx = storescp_peer(work)
+                    else:
+                        ctx = orthanc_peer(work)
+                    with ctx as (ae_title, port):
+                        seconds = send(files, ae_title, port, n_assoc)
+                        time.sleep(0.5)  # let the last write land before counting
+                        stored = count_stored(peer, work)
+                    rate = instances / seconds
+                    samples[peer][mode].append(rate)
+                    print(
+                        f"run {run + 1}/{runs} {mode:>10} {peer:>8}: {rate:7.1f} instances/s "
+                        f"({seconds:.2f} s, {stored} stored)",
+                        file=sys.stderr,
+                    )
+                    if stored != instances:
+                        raise RuntimeError(f"{peer} stored {stored} of {instances} instances")
+                    shutil.rmtree(work, ignore_errors=True)
+        medians = {
+            peer: {mode: statistics.median(v) for mode, v in modes.items()}
+            for peer, modes in samples.items()
+        }
+        ratios = {
+            mode: {
+                "ichnode_vs_orthanc": medians["ichnode"][mode] / medians["orthanc"][mode],
+                "ichnode_vs_storescp": medians["ichnode"][mode] / medians["storescp"][mode],
+            }
+            for mode in medians["ichnode"]
+        }
+        return {
+            "machine": machine(),
+            "instances": instances,
+            "series_mb": round(size_mb, 1),
+            "runs": runs,
+            "parallel_associations": parallel,
+            "ichnode_sqlite_synchronous": synchronous,
+            "tools": {
+                "storescu": tool_version("storescu"),
+                "orthanc": subprocess.run(
+                    [ORTHANC, "--version"], capture_output=True, text=True, check=False
+                ).stdout.splitlines()[0],
+            },
+            "instances_per_s": samples,
+            "median_instances_per_s": medians,
+            "ratios": ratios,
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report(result: dict[str, object]) -> str:
+    """Return the Markdown section for docs/BENCHMARKS.md."""
+    m = result["machine"]
+    medians = result["median_instances_per_s"]
+    ratios = result["ratios"]
+    assert isinstance(m, dict) and isinstance(medians, dict) and isinstance(ratios, dict)
+    lines = [
+        "## Ingest (C-STORE from DCMTK storescu)",
+        "",
+        (
+            f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['date']}, Python {m['python']}; "
+            "shared with other jobs, so absolute numbers move between runs; the peers "
+            "alternate within each run so ratios compare like with like."
+        ),
+        (
+            f"Series: {result['instances']} CT instances 512x512 int16 ({result['series_mb']} MB), "
+            f"{result['runs']} runs per peer and mode, median shown. Peers: ichnode "
+            f"(file fsync + SQLite commit per instance, synchronous={result['ichnode_sqlite_synchronous']}), "
+            "DCMTK storescp --fork +B (no fsync), Orthanc defaults (SyncStorageArea on). "
+            "`python -m bench.ingest` reproduces it."
+        ),
+        "",
+        "| mode | ichnode | storescp | Orthanc | ichnode / Orthanc | ichnode / storescp |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode in medians["ichnode"]:
+        lines.append(
+            f"| {mode} | {medians['ichnode'][mode]:.0f}/s | {medians['storescp'][mode]:.0f}/s | "
+            f"{medians['orthanc'][mode]:.0f}/s | {ratios[mode]['ichnode_vs_orthanc']:.2f} | "
+            f"{ratios[mode]['ichnode_vs_storescp']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            print(f"bench.ingest: {tool} not found (apt-get install dcmtk)", file=sys.stderr)
+            return 2
+    if not Path(ORTHANC).exists():
+        print(f"bench.ingest: {ORTHANC} not found (apt-get install orthanc)", file=sys.stderr)
+        return 2
+    result = run_benchmark(args.runs, args.instances, args.parallel, args.synchronous)
+    text = report(result)
+    print(text)
+    if not args.no_write:
+        out = REPO / "bench" / "results" / "ingest.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_benchmark_section("ingest", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

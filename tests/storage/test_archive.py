@@ -1,0 +1,117 @@
+"""The archive writes each instance durably, atomically, under its UIDs, bytes untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from storage.archive import Archive, ArchiveError, UnsafeUIDError
+from tests.storage.helpers import dataset_bytes, small_ct
+
+
+def _meta(sop_instance_uid: str, source_ae: str = "SCU") -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.7433.1.1"
+    meta.SourceApplicationEntityTitle = source_ae
+    return meta
+
+
+def test_store_writes_the_bytes_at_the_uid_path(tmp_path: Path) -> None:
+    archive = Archive(tmp_path)
+    ds = small_ct()
+    raw = dataset_bytes(ds)
+    stored = archive.store(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, _meta(ds.SOPInstanceUID), raw
+    )
+    expected = (
+        tmp_path / "dicom" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    )
+    assert stored.path == expected
+    content = expected.read_bytes()
+    assert stored.size == len(content)
+    assert content[128:132] == b"DICM"
+    assert content.endswith(raw)
+    back = dcmread(expected)
+    assert back.file_meta.SourceApplicationEntityTitle == "SCU"
+    assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert back.SOPInstanceUID == ds.SOPInstanceUID
+    assert back.PixelData == ds.PixelData
+    # no temporary file is left behind
+    assert [p.name for p in expected.parent.iterdir()] == [expected.name]
+
+
+def test_store_again_replaces_the_file(tmp_path: Path) -> None:
+    archive = Archive(tmp_path)
+    ds = small_ct()
+    first = archive.store(
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        _meta(ds.SOPInstanceUID),
+        dataset_bytes(ds),
+    )
+    ds.SeriesDescription = "CHANGED"
+    second = archive.store(
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        _meta(ds.SOPInstanceUID, "OTHER"),
+        dataset_bytes(ds),
+    )
+    assert first.path == second.path
+    assert dcmread(second.path).SeriesDescription == "CHANGED"
+    assert len(list(second.path.parent.iterdir())) == 1
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "a/b", "..", "", ".hidden", "1.2" + "3" * 70])
+def test_unsafe_uids_are_refused(tmp_path: Path, bad: str) -> None:
+    archive = Archive(tmp_path)
+    with pytest.raises(UnsafeUIDError):
+        archive.store(bad, "1.2.3", "1.2.3.4", _meta("1.2.3.4"), b"")
+    with pytest.raises(UnsafeUIDError):
+        archive.store("1.2", "1.2.3", bad, _meta("1.2.3.4"), b"")
+    assert not any((tmp_path / "dicom").iterdir())
+
+
+def test_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
+    archive = Archive(tmp_path)
+    ds = small_ct()
+    target = archive.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    # A non-empty folder where the file should go: the rename must fail.
+    (target / "occupied").mkdir(parents=True)
+    with pytest.raises(ArchiveError):
+        archive.store(
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            ds.SOPInstanceUID,
+            _meta(ds.SOPInstanceUID),
+            dataset_bytes(ds),
+        )
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_cleanup_incoming_removes_leftovers(tmp_path: Path) -> None:
+    archive = Archive(tmp_path)
+    leftover = tmp_path / "dicom" / "1.2" / "1.2.3" / ".incoming-abc.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half")
+    keep = leftover.parent / "1.2.3.4.dcm"
+    keep.write_bytes(b"whole")
+    assert archive.cleanup_incoming() == 1
+    assert not leftover.exists() and keep.exists()
+
+
+def test_remove_refuses_paths_outside_the_archive(tmp_path: Path) -> None:
+    archive = Archive(tmp_path / "root")
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    with pytest.raises(ArchiveError):
+        archive.remove(outside)
+    assert outside.exists()
