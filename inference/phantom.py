@@ -970,7 +970,12 @@ def write_series(case: PhantomCase, out_dir: Path, **options: object) -> list[Pa
     dz, dy, dx = case.spacing
 
     ts_name = str(opt.get("transfer_syntax", "explicit"))
-    transfer_syntax = UID(TRANSFER_SYNTAXES.get(ts_name, ts_name))
+    ts_value = TRANSFER_SYNTAXES.get(ts_name, ts_name)
+    if not all(part.isdigit() for part in ts_value.split(".")):
+        raise ValueError(
+            f"unknown transfer syntax {ts_name!r}; use one of {list(TRANSFER_SYNTAXES)}"
+        )
+    transfer_syntax = UID(ts_value)
     if not transfer_syntax.is_transfer_syntax:
         raise ValueError(f"unknown transfer syntax {ts_name!r}")
     signed = bool(opt.get("signed", True))
@@ -978,8 +983,10 @@ def write_series(case: PhantomCase, out_dir: Path, **options: object) -> list[Pa
     slope = float(opt.get("rescale_slope", 1.0))  # type: ignore[arg-type]
     if slope <= 0:
         raise ValueError("rescale_slope must be positive")
-    bits_stored = 16 if signed else 12
-    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 4095)
+    # Unsigned data are stored in 12 bits, like most scanners, unless the slope needs more.
+    top = (float(case.hu.max()) - intercept) / slope
+    bits_stored = 16 if signed or top > 4095 else 12
+    lo, hi = (-(2**15), 2**15 - 1) if signed else (0, 2**bits_stored - 1)
     padding = opt.get("padding_value")
     if padding is not None and not lo <= int(padding) <= hi:  # type: ignore[call-overload]
         raise ValueError(f"padding_value {padding} does not fit the stored range {lo}..{hi}")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
+import pydicom
 import pytest
 
 from inference.findings import SUBTYPES
@@ -18,7 +22,9 @@ from inference.phantom import (
     WHITE,
     PhantomCase,
     generate_case,
+    write_series,
 )
+from tests.interop import require_tool
 
 # 32 slices of 5 mm cover the whole head, so the anatomy of a seed does not depend
 # on the subtypes asked for, and a negative twin shows what the bleed replaced.
@@ -233,3 +239,78 @@ def test_thin_slab_still_holds_each_asked_subtype() -> None:
         for name in SUBTYPES:
             case = generate_case(seed, matrix=64, n_slices=4, slice_thickness=1.0, subtypes=[name])
             assert _label(case, name).any(), (seed, name)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("transfer_syntax", ["explicit", "implicit", "rle", "jpegls", "jpeg2000"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_written_series_passes_dciodvfy(transfer_syntax: str, signed: bool, tmp_path: Path) -> None:
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    case = generate_case(4, matrix=64, n_slices=2, slice_thickness=2.5)
+    paths = write_series(
+        case,
+        tmp_path,
+        transfer_syntax=transfer_syntax,
+        signed=signed,
+        padding_value=-2000 if signed else 0,
+        gantry_tilt=-12.0,
+        patient_name="Phantom^Dciodvfy",
+    )
+    for path in paths:
+        out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+        report = out.stdout + out.stderr
+        assert "CTImage" in report
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert errors == [], report
+    ds = pydicom.dcmread(paths[0])
+    assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert ds.PixelRepresentation == (1 if signed else 0)
+    assert float(ds.RescaleIntercept) == (0.0 if signed else -1024.0)
+    assert float(ds.GantryDetectorTilt) == -12.0 and ds.RescaleType == "HU"
+
+
+@pytest.mark.interop
+def test_deflated_series_reads_in_dcmtk(tmp_path: Path) -> None:
+    dcmdump = require_tool("dcmdump", "dcmtk")
+    case = generate_case(4, matrix=32, n_slices=1, slice_thickness=2.5)
+    (path,) = write_series(case, tmp_path, transfer_syntax="deflated")
+    out = subprocess.run([dcmdump, str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "Deflated" in out.stdout and "PixelData" in out.stdout
+
+
+def test_write_series_options_are_checked(tmp_path: Path) -> None:
+    case = generate_case(4, matrix=32, n_slices=2, slice_thickness=2.5)
+    with pytest.raises(TypeError, match="unknown write_series option"):
+        write_series(case, tmp_path, colour="red")
+    with pytest.raises(ValueError, match="padding_value"):
+        write_series(case, tmp_path, signed=False, padding_value=-2000)
+    with pytest.raises(ValueError, match="transfer syntax"):
+        write_series(case, tmp_path, transfer_syntax="jpeg-xl-please")
+    with pytest.raises(ValueError, match="slice_positions"):
+        write_series(case, tmp_path, slice_positions=[0.0])
+
+
+def test_write_series_is_deterministic_and_names_files(tmp_path: Path) -> None:
+    case = generate_case(4, matrix=32, n_slices=3, slice_thickness=2.5)
+    first = write_series(case, tmp_path / "a", suffix="")
+    second = write_series(case, tmp_path / "b", suffix="")
+    assert [p.name for p in first] == ["CT0001", "CT0002", "CT0003"]
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in first]
+    assert uids == [pydicom.dcmread(p).SOPInstanceUID for p in second]
+    other = write_series(case, tmp_path / "c", signed=False)
+    assert (
+        pydicom.dcmread(other[0]).SeriesInstanceUID != pydicom.dcmread(first[0]).SeriesInstanceUID
+    )
+    named = write_series(
+        case,
+        tmp_path / "d",
+        patient_name="Doe^Jane",
+        patient_id="X1",
+        study_instance_uid="1.2.3.4",
+        series_instance_uid="1.2.3.4.5",
+        series_description="AXIAL HEAD",
+    )
+    ds = pydicom.dcmread(named[1])
+    assert (str(ds.PatientName), ds.PatientID, ds.StudyInstanceUID) == ("Doe^Jane", "X1", "1.2.3.4")
+    assert (ds.SeriesInstanceUID, ds.SeriesDescription) == ("1.2.3.4.5", "AXIAL HEAD")
