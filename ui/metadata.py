@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_description, dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
 logger = logging.getLogger(__name__)
 
@@ -180,21 +181,45 @@ def _render_value(elem: DataElement) -> str:
     return text
 
 
+def _deferred_row(ds: Dataset, tag: BaseTag, depth: int) -> HeaderRow | None:
+    """A row for an element whose value was not read (deferred), without reading it."""
+    raw = ds.get_item(tag, keep_deferred=True)
+    if not isinstance(raw, RawDataElement) or raw.value is not None:
+        return None
+    try:
+        keyword, name, vr = keyword_for_tag(tag), dictionary_description(tag), dictionary_VR(tag)
+    except KeyError:
+        keyword, name, vr = "", "Unknown element", str(raw.VR or "UN")
+    return HeaderRow(
+        f"({tag.group:04X},{tag.element:04X})",
+        keyword,
+        name,
+        str(raw.VR or vr),
+        f"<binary, {raw.length} bytes>",
+        depth,
+    )
+
+
 def _walk(ds: Dataset, depth: int) -> Iterator[HeaderRow]:
-    for elem in ds:
-        tag = f"({elem.tag.group:04X},{elem.tag.element:04X})"
+    for tag in list(ds.keys()):
+        deferred = _deferred_row(ds, tag, depth)
+        if deferred is not None:  # never read a deferred value (pixel data) just to list it
+            yield deferred
+            continue
+        elem = ds[tag]
+        tag_text = f"({elem.tag.group:04X},{elem.tag.element:04X})"
         keyword = elem.keyword or ""
         name = elem.name
         if elem.VR == "SQ":
             items = elem.value or []
-            yield HeaderRow(tag, keyword, name, "SQ", f"{len(items)} item(s)", depth)
+            yield HeaderRow(tag_text, keyword, name, "SQ", f"{len(items)} item(s)", depth)
             if elem.tag in BULK_TAGS:
                 continue
             for index, item in enumerate(items, start=1):
                 yield HeaderRow("", "", f"Item {index}", "", "", depth + 1)
                 yield from _walk(item, depth + 2)
             continue
-        yield HeaderRow(tag, keyword, name, str(elem.VR), _render_value(elem), depth)
+        yield HeaderRow(tag_text, keyword, name, str(elem.VR), _render_value(elem), depth)
 
 
 def header_rows(ds: Dataset, query: str = "", include_meta: bool = True) -> list[HeaderRow]:

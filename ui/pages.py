@@ -197,7 +197,7 @@ def _worklist_table(
     )
     by_uid: dict[str, WorklistRow] = {r.series_instance_uid: r for r in shown}
     left, right = st.columns([4, 1], vertical_alignment="bottom")
-    choice = left.selectbox(
+    left.selectbox(
         "Series",
         list(by_uid),
         format_func=lambda uid: (
@@ -206,9 +206,20 @@ def _worklist_table(
         ),
         key="open-choice",
     )
-    if right.button("Open in viewer", key="open-series", type="primary", width="stretch"):
-        _open_series(str(choice))
+    if right.button(
+        "Open in viewer",
+        key="open-series",
+        type="primary",
+        width="stretch",
+        on_click=_open_chosen,
+    ):
         st.rerun()
+
+
+def _open_chosen() -> None:
+    choice = st.session_state.get("open-choice")
+    if choice:
+        _open_series(str(choice))
 
 
 # -- viewer --------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -89,3 +91,15 @@ def test_header_search_by_keyword_tag_and_value() -> None:
     assert header_rows(ds, "no such thing anywhere") == []
     table = header_table(header_rows(ds, "brain"))
     assert {"tag", "keyword", "VR", "value"} <= set(table[0])
+
+
+def test_header_of_deferred_pixel_data_reads_nothing_from_disk(tmp_path: Path) -> None:
+    path = tmp_path / "ct.dcm"
+    _ct().save_as(path, enforce_file_format=True)
+    ds = dcmread(path, defer_size=1024)
+    path.unlink()  # any read of the deferred value would now fail
+    rows = header_rows(ds)
+    pixel = [r for r in rows if r.keyword == "PixelData"]
+    assert len(pixel) == 1
+    assert pixel[0].tag == "(7FE0,0010)" and pixel[0].value == "<binary, 524288 bytes>"
+    assert dict(summary(ds))["Kernel"] == "UB"
