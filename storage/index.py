@@ -341,6 +341,16 @@ class Index:
             command.upgrade(cfg, revision)
         logger.info("index schema at revision %s (%s)", self.current_revision(), self._safe_url())
 
+    def downgrade(self, revision: str = "base") -> None:
+        """Step the schema back to ``revision`` (``"base"``: no tables); for tests and repairs."""
+        from alembic import command
+
+        cfg = self._alembic_config()
+        with self._write_lock, self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+        self._series_cache.clear()
+
     def current_revision(self) -> str | None:
         """Return the Alembic revision the database is at (``None`` when empty)."""
         from alembic.runtime.migration import MigrationContext
