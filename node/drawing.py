@@ -94,8 +94,9 @@ def render_text_lines(lines: list[str], width: int, *, font_px: int) -> np.ndarr
     points = font_px * 72.0 / dpi
     for i, line in enumerate(lines):
         y = 1.0 - (font_px * 0.25 + i * line_px) / height
-        fig.text(0.01, y, line, color="white", fontsize=points, va="top", ha="left",
-                 family="DejaVu Sans")
+        fig.text(
+            0.01, y, line, color="white", fontsize=points, va="top", ha="left", family="DejaVu Sans"
+        )
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return rgba[:, :width, 3].astype(np.float32) / 255.0

@@ -75,9 +75,7 @@ DEVICE_OBSERVER_UID = generate_uid(entropy_srcs=["ichnode device observer"])
 SUBTYPE_CODES: dict[str, hd.sr.CodedConcept] = {
     "intraparenchymal": hd.sr.CodedConcept("274100004", "SCT", "Cerebral hemorrhage"),
     "intraventricular": hd.sr.CodedConcept("274110009", "SCT", "Intraventricular hemorrhage"),
-    "subarachnoid": hd.sr.CodedConcept(
-        "21454007", "SCT", "Subarachnoid intracranial hemorrhage"
-    ),
+    "subarachnoid": hd.sr.CodedConcept("21454007", "SCT", "Subarachnoid intracranial hemorrhage"),
     "subdural": hd.sr.CodedConcept("35486000", "SCT", "Subdural intracranial hemorrhage"),
     "epidural": hd.sr.CodedConcept("68752002", "SCT", "Extradural hemorrhage"),
 }
@@ -305,9 +303,7 @@ def _check_inputs(findings: SeriesFindings, headers: Sequence[Dataset]) -> None:
     if tuple(findings.masks.shape) != expected:
         raise ResultsError(f"masks have shape {findings.masks.shape}, expected {expected}")
     if findings.gradcam is not None and tuple(findings.gradcam.shape) != expected[1:]:
-        raise ResultsError(
-            f"gradcam has shape {findings.gradcam.shape}, expected {expected[1:]}"
-        )
+        raise ResultsError(f"gradcam has shape {findings.gradcam.shape}, expected {expected[1:]}")
     series = {h.SeriesInstanceUID for h in headers}
     studies = {h.StudyInstanceUID for h in headers}
     if len(series) != 1 or len(studies) != 1:

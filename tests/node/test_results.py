@@ -193,7 +193,9 @@ def test_sr_round_trip_groups_codes_volumes_and_references(tmp_path: Path) -> No
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
     (summary,) = report.get_image_measurement_groups()
-    evaluations = {q.name.value: _code_value(q.value) for q in summary.get_qualitative_evaluations()}
+    evaluations = {
+        q.name.value: _code_value(q.value) for q in summary.get_qualitative_evaluations()
+    }
     assert evaluations[codes.SCT.IntracranialHemorrhage.value] == codes.SCT.Present.value
     for name in SUBTYPES:
         expected = codes.SCT.Present if name in masks else codes.SCT.Absent
@@ -263,9 +265,7 @@ def test_key_images_show_largest_slice_with_overlay_and_disclaimer(
     (key_image,) = _by_class(paths)["SC"]
     assert key_image.BurnedInAnnotation == "YES"
     assert key_image.PhotometricInterpretation == "RGB"
-    assert key_image.SourceImageSequence[0].ReferencedSOPInstanceUID == (
-        datasets[2].SOPInstanceUID
-    )
+    assert key_image.SourceImageSequence[0].ReferencedSOPInstanceUID == (datasets[2].SOPInstanceUID)
     rgb = key_image.pixel_array
     assert rgb.shape == (128, 128, 3)
     # mask outline in the subtype's colour, exactly on the mask's border

@@ -74,9 +74,7 @@ def test_orthanc_accepts_results_under_the_source_study(
     assert statuses == [0x0000] * (len(source_paths) + len(result_paths)), orthanc.log_tail()
 
     series = orthanc.study_series(str(datasets[0].StudyInstanceUID))
-    by_description = {
-        s["MainDicomTags"].get("SeriesDescription", ""): s for s in series
-    }
+    by_description = {s["MainDicomTags"].get("SeriesDescription", ""): s for s in series}
     assert set(by_description) >= {"ICH AI SEG", "ICH AI REPORT", "ICH AI KEY IMAGES"}
     assert len(series) == 4  # the CT and our three
     assert len(by_description["ICH AI KEY IMAGES"]["Instances"]) == 2
