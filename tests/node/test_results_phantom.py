@@ -3,7 +3,7 @@ objects validate and the SEG gives back exactly the labels of each source slice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.interop
 
 
 def _findings_from_labels(
-    datasets: list[pydicom.Dataset], labels: np.ndarray, voxel_ml: float
+    datasets: Sequence[pydicom.Dataset], labels: np.ndarray, voxel_ml: float
 ) -> SeriesFindings:
     present = [bool(labels[i].any()) for i in range(len(SUBTYPES))]
     return SeriesFindings(
