@@ -71,7 +71,7 @@ class _Analyzer:
     def series(self, series_instance_uid: str, datasets: list[Dataset]) -> dict[str, Any]:
         """Analyse one series; return its entry of the JSON document."""
         from inference.volume import SeriesSkipped, load_volume
-        from node.results import is_ichnode_output, write_results
+        from node.results import ResultsError, is_ichnode_output, write_results
 
         if any(is_ichnode_output(ds) for ds in datasets):
             return _skipped(datasets, series_instance_uid, OWN_OUTPUT_REASON)
@@ -88,11 +88,20 @@ class _Analyzer:
         logger.info(
             "analysing series %s (%d slices)", series_instance_uid, len(volume.sop_instance_uids)
         )
-        findings = self.predictor().predict(volume, explain=True)
+        predictor = self.predictor()
+        try:
+            findings = predictor.predict(volume, explain=True)
+        except ValueError as exc:  # a volume the network cannot take (e.g. a tiny matrix)
+            logger.debug("series %s: prediction failed", series_instance_uid, exc_info=True)
+            return _skipped(datasets, series_instance_uid, f"cannot analyse: {_first_line(exc)}")
         outputs: list[str] = []
         if self.out_dir is not None:
             try:
                 paths = write_results(findings, volume.datasets, self.out_dir, hu=volume.hu)
+            except ResultsError as exc:
+                return _skipped(
+                    datasets, series_instance_uid, f"cannot encode results: {_first_line(exc)}"
+                )
             except OSError as exc:
                 raise AnalyzeError(
                     f"cannot write results to {self.out_dir}: {_first_line(exc)}"

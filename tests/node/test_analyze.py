@@ -280,6 +280,22 @@ def test_unusable_weights_are_a_one_line_error(tmp_path: Path) -> None:
 
 
 @needs_loader
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, negative_weights: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    write_series(make_ct_series(2, 32), tmp_path / "ct")
+    done = run_analyze(
+        str(tmp_path / "ct"), "--json", "--device", "cuda", "--weights", str(negative_weights)
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].startswith("ichnode analyze: cannot load")
+    assert "CUDA" in done.stderr and "Traceback" not in done.stderr
+
+
+@needs_loader
 def test_folder_without_dicom_fails_with_reasons(tmp_path: Path) -> None:
     folder = tmp_path / "docs"
     folder.mkdir()
