@@ -177,10 +177,32 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
         if (raw is None or deferred) and getattr(ds, "filename", None):
             # Decode straight from the file: the dataset never caches the pixel bytes.
             return np.asarray(pixel_array(ds.filename))
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            return np.asarray(pixel_array(_with_native_syntax(ds)))
         return np.asarray(pixel_array(ds))
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, EOFError) as exc:
         uid = ds.get("SOPInstanceUID", "?")
         raise SeriesSkipped(f"pixel data of {uid} cannot be decoded: {exc}") from exc
+
+
+def _with_native_syntax(ds: Dataset) -> Dataset:
+    """A shallow view of ``ds`` with a little-endian transfer syntax for its native pixels.
+
+    Datasets built in memory (or received without file meta) hold uncompressed
+    pixel data in the machine's little-endian order; encapsulated data need the
+    real transfer syntax and are refused.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    value = ds.PixelData
+    if isinstance(value, bytes) and value[:4] == b"\xfe\xff\x00\xe0":
+        raise ValueError("compressed pixel data without a transfer syntax")
+    view = Dataset()
+    view.update(ds)
+    view.file_meta = FileMetaDataset()
+    view.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return view
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
@@ -328,7 +350,10 @@ def _read_one(path: Path) -> Dataset:
         if end > path.stat().st_size:
             raise ValueError("truncated DICOM file (pixel data cut short)")
     if "SeriesInstanceUID" not in ds:
-        raise ValueError("no SeriesInstanceUID")
+        media = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        if media == "1.2.840.10008.1.3.10":
+            raise ValueError("DICOMDIR, not an image")
+        raise ValueError("no SeriesInstanceUID (not an image, or truncated)")
     return ds
 
 

@@ -316,3 +316,14 @@ def test_real_files_copied_without_preamble_are_still_read(tmp_path: Path) -> No
     shutil.copy(source, tmp_path / "with-preamble")
     groups, problems = read_series([tmp_path])
     assert problems == [] and sum(len(v) for v in groups.values()) == 1
+
+
+def test_datasets_without_file_meta_still_decode(case: PhantomCase, tmp_path: Path) -> None:
+    datasets = _datasets(case, tmp_path)
+    for ds in datasets:
+        del ds.file_meta
+        ds.filename = None
+    volume = load_volume(datasets)
+    assert float(np.abs(volume.hu - case.hu).max()) <= 0.501
+    # The caller's datasets are not given a file meta behind its back.
+    assert all("TransferSyntaxUID" not in getattr(ds, "file_meta", {}) for ds in datasets)
