@@ -109,13 +109,14 @@ class _Grid:
         matrix: int,
         px: float,
         w: np.ndarray,
+        dz: float,
         centre: tuple[float, float],
         theta: float,
     ) -> None:
         self.matrix = matrix
         self.px = px
         self.w = w.astype(_F32)
-        self.dz = float(w[1] - w[0]) if len(w) > 1 else 1.0
+        self.dz = dz
         self.cx, self.cy = centre
         self.cos, self.sin = math.cos(theta), math.sin(theta)
         axis = ((np.arange(matrix, dtype=_F32) - (matrix - 1) / 2.0) * px).astype(_F32)
@@ -837,7 +838,7 @@ def generate_case(
     margin = max(2.0, fov / 2.0 - an.b - 6.0)
     centre = (float(rng.uniform(-margin, margin)) * 0.6, float(rng.uniform(-margin, margin)) * 0.6)
     theta = math.radians(float(rng.uniform(-15.0, 15.0)))
-    grid = _Grid(matrix, px, w, centre, theta)
+    grid = _Grid(matrix, px, w, dz, centre, theta)
 
     hu, tissue, dd = _head(grid, an, rng)
     _paint_deep(grid, an, hu, tissue, dd)
