@@ -1,0 +1,102 @@
+"""End-to-end inference speed: ``python -m bench.inference``.
+
+Times a 40-slice 512 x 512 phantom CT series from DICOM files on disk to
+findings with Grad-CAM: ``read_series``, ``load_volume``, ``Predictor.predict``
+(windowing, resampling, the network, masks at the source matrix, Grad-CAM). The
+model is loaded once beforehand, as the node's warm workers do. Reports the
+median of several runs and the stages of the last one; writes the ``inference``
+section of ``docs/BENCHMARKS.md`` and ``bench/results/inference.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import REPO, machine, write_benchmark_section
+from inference.phantom import generate_case, write_series
+from inference.predictor import Predictor
+from inference.volume import load_volume, read_series
+
+TARGET_S = 3.0
+N_SLICES = 40
+MATRIX = 512
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its report."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    predictor = Predictor(device=args.device)
+    case = generate_case(7, n_slices=N_SLICES, matrix=MATRIX, subtypes=("intraparenchymal",),
+                         slice_thickness=5.0)
+    totals: list[float] = []
+    stages: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_series(case, Path(tmp))
+        for run in range(args.runs + 1):  # the first run warms caches and is not counted
+            t0 = time.perf_counter()
+            groups, _ = read_series([Path(tmp)])
+            t1 = time.perf_counter()
+            volume = load_volume(next(iter(groups.values())))
+            t2 = time.perf_counter()
+            findings = predictor.predict(volume, explain=True)
+            t3 = time.perf_counter()
+            if run:
+                totals.append(t3 - t0)
+                stages = {"read_series_s": t1 - t0, "load_volume_s": t2 - t1,
+                          "predict_with_gradcam_s": t3 - t2}
+    median = statistics.median(totals)
+    info = machine()
+    report = {
+        "machine": info,
+        "device": predictor.device,
+        "torch_threads": torch.get_num_threads(),
+        "series": f"{N_SLICES} slices {MATRIX}x{MATRIX}, uncompressed",
+        "model_version": predictor.model_version,
+        "runs": args.runs,
+        "median_s": round(median, 3),
+        "min_s": round(min(totals), 3),
+        "max_s": round(max(totals), 3),
+        "slices_per_s": round(N_SLICES / median, 1),
+        "last_run_stages_s": {k: round(v, 3) for k, v in stages.items()},
+        "target_s": TARGET_S,
+        "meets_target": median <= TARGET_S,
+        "found_hemorrhage": bool(findings.hemorrhage_present),
+    }
+    out = REPO / "bench" / "results" / "inference.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    stage_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in stages.items())
+    body = (
+        "## Inference, end to end\n\n"
+        f"Machine: {info['nproc']} CPUs, {info['cpu']}, {info['date']}; device "
+        f"{predictor.device}, {torch.get_num_threads()} torch threads, model "
+        f"{predictor.model_version}. A {N_SLICES}-slice {MATRIX}x{MATRIX} phantom series "
+        "from DICOM files to findings with Grad-CAM (read, volume, network, masks at "
+        f"512x512, Grad-CAM), model loaded once; median of {args.runs} runs after one "
+        "warm-up. The CPUs were shared with other work (training, other test runs), "
+        "so this is an upper bound. No GPU was available: the CUDA path (autocast, "
+        "channels_last) is not measured here.\n\n"
+        f"| measure | value |\n| --- | --- |\n"
+        f"| median end to end (s) | {median:.3f} |\n"
+        f"| min / max (s) | {min(totals):.3f} / {max(totals):.3f} |\n"
+        f"| slices per second | {N_SLICES / median:.1f} |\n"
+        f"| target (s) | {TARGET_S:.1f} ({'met' if median <= TARGET_S else 'NOT met'}) |\n\n"
+        f"Stages of the last run:\n\n| stage | seconds |\n| --- | --- |\n{stage_rows}\n"
+    )
+    write_benchmark_section("inference", body)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The hemorrhage network: a 2.5D residual U-Net with a per-slice classification head.
+
+Input: a slice and its neighbours, each in the brain, subdural and bone windows
+(``inference.windows``), e.g. 3 slices x 3 windows = 9 channels. Outputs:
+
+* ``cls``: (N, 6) logits for ``any`` and the five subtypes (``CLASSES`` order),
+  from the bottleneck by global average and max pooling;
+* ``seg``: (N, 5, H, W) logits of the five subtype masks (multi-label, sigmoid);
+* ``features``: the bottleneck (last encoder stage), which Grad-CAM explains.
+
+This module imports torch at the top: import it only where the model is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from inference.findings import CLASSES, SUBTYPES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters that define the network and its input; stored with the weights."""
+
+    in_channels: int = 9
+    base_width: int = 16
+    depth: int = 3
+    input_size: int = 128
+    neighbours: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the weights file."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut: nn.Module
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class HemorrhageNet(nn.Module):
+    """2.5D residual encoder-decoder with a classification head on the bottleneck."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        c = self.config.base_width
+        widths = [c * 2**i for i in range(self.config.depth + 1)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(self.config.in_channels, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            ResBlock(c, c),
+        )
+        self.down = nn.ModuleList(
+            ResBlock(widths[i], widths[i + 1], stride=2) for i in range(self.config.depth)
+        )
+        self.up = nn.ModuleList(
+            ResBlock(widths[i + 1] + widths[i], widths[i])
+            for i in reversed(range(self.config.depth))
+        )
+        self.seg_head = nn.Conv2d(c, len(SUBTYPES), 1)
+        self.cls_head = nn.Sequential(nn.Dropout(0.1), nn.Linear(2 * widths[-1], len(CLASSES)))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder feature maps, finest first; the last one is the bottleneck."""
+        feats = [self.stem(x)]
+        for block in self.down:
+            feats.append(block(feats[-1]))
+        return feats
+
+    def classify(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """(N, 6) class logits from the bottleneck by global average + max pooling."""
+        pooled = torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
+        return self.cls_head(pooled)
+
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """(N, 5, H, W) segmentation logits from the encoder features."""
+        x = feats[-1]
+        for block, skip in zip(self.up, reversed(feats[:-1]), strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.seg_head(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return ``{"cls": (N, 6), "seg": (N, 5, H, W), "features": bottleneck}``."""
+        feats = self.encode(x)
+        return {"cls": self.classify(feats[-1]), "seg": self.decode(feats), "features": feats[-1]}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

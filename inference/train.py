@@ -1,0 +1,583 @@
+"""Training of the hemorrhage network: ``ichnode train``.
+
+Owns the training loop: data sources (the phantom generated on the fly from a
+seed range disjoint from the held-out seeds, the RSNA ICH and CQ500 layouts),
+the in-memory case cache, balanced slice sampling, augmentation (rotation,
+flip, scale, shift, contrast, noise), the losses (BCE with positive weights for
+the six class logits, BCE + soft Dice for the five masks, multiple-instance
+pooling for scan-level CQ500 labels), checkpoints every N steps with
+``--resume``, and the final step: thresholds picked on a held-out validation
+set for a sensitivity of at least 0.95, saved in the weights file with the
+model config, version, training command and seed.
+
+Every step draws its sample and augmentation from generators seeded with
+``(seed, step)``, so a run resumed from a checkpoint follows the same path as an
+uninterrupted one. Torch is imported inside the functions: ``add_arguments``
+is called by ``ichnode --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inference.findings import CLASSES, SUBTYPES
+
+if TYPE_CHECKING:
+    import torch
+
+    from inference.datasets import LabelledVolume
+    from inference.model import HemorrhageNet
+
+logger = logging.getLogger(__name__)
+
+#: Phantom seeds used for training by default; the held-out ranges below never overlap.
+DEFAULT_TRAIN_SEEDS = "0:500000"
+#: Validation seeds (threshold choice at the end of training).
+DEFAULT_VAL_SEEDS = "900000:900080"
+#: Test seeds reserved for ``ichnode evaluate`` and the model card.
+TEST_SEEDS = "1000000:1000200"
+#: Class weights of the positive examples in the class loss (``CLASSES`` order).
+POS_WEIGHT = (1.0, 2.0, 2.0, 2.0, 2.0, 2.0)
+TARGET_SENSITIVITY = 0.95
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ichnode train`` (imports nothing heavy)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", choices=["phantom", "rsna", "cq500"], default="phantom")
+    data.add_argument("--train-seeds", default=DEFAULT_TRAIN_SEEDS, help="phantom seeds A:B")
+    data.add_argument("--val-seeds", default=DEFAULT_VAL_SEEDS, help="phantom seeds A:B")
+    data.add_argument("--phantom-slices", type=int, default=24, help="slices per phantom case")
+    data.add_argument("--phantom-matrix", type=int, default=256)
+    data.add_argument(
+        "--val-slices", type=int, default=32, help="slices per phantom validation case"
+    )
+    data.add_argument("--rsna-csv", type=Path, help="RSNA stage_2_train.csv")
+    data.add_argument("--rsna-dir", type=Path, help="folder of RSNA ID_<hex>.dcm files")
+    data.add_argument("--cq500-reads", type=Path, help="CQ500 reads.csv")
+    data.add_argument("--cq500-dir", type=Path, help="folder holding CQ500-CT-<n> scans")
+    data.add_argument(
+        "--val-fraction", type=float, default=0.1, help="held-out share of real series"
+    )
+    data.add_argument("--cache-cases", type=int, default=48, help="cases kept in memory")
+    data.add_argument(
+        "--refresh-every", type=int, default=2, help="replace one cached case every N steps"
+    )
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=3000)
+    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument("--lr", type=float, default=2e-3)
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    opt.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    opt.add_argument("--init", type=Path, help="start from these weights (fine-tuning)")
+    net = parser.add_argument_group("network")
+    net.add_argument("--input-size", type=int, default=128, help="working matrix (pixels)")
+    net.add_argument("--base-width", type=int, default=16)
+    net.add_argument("--depth", type=int, default=3)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("runs/ichnode-ich.pt"), help="weights")
+    out.add_argument("--checkpoint-dir", type=Path, default=Path("runs/train"))
+    out.add_argument("--checkpoint-every", type=int, default=250)
+    out.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    out.add_argument(
+        "--stop-at", type=int, default=0,
+        help="stop after this step with a checkpoint and no weights (resume later)",
+    )
+    out.add_argument("--version", default="", help="model version stored in the weights")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``ichnode train``: exit code 0 on success, 2 with a one-line message on bad input."""
+    from inference.datasets import DatasetError
+    from inference.predictor import WeightsError
+
+    try:
+        result = train(args)
+    except (DatasetError, WeightsError) as exc:
+        print(f"ichnode train: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        logger.debug("training stopped", exc_info=True)
+        print(f"ichnode train: {exc}", file=sys.stderr)
+        return 2
+    print(f"ichnode train: wrote {result}", file=sys.stderr)
+    return 0
+
+
+# --- data ---------------------------------------------------------------------
+
+
+@dataclass
+class TrainCase:
+    """One series at the working matrix, ready to sample.
+
+    ``hu`` (z, S, S) float32; ``seg`` (5, z, S, S) float16 area fractions or None;
+    ``cls`` (z, 6) float32 slice labels or None (scan-level labels only);
+    ``bag`` (6,) float32 series labels; ``positive`` indices of slices with blood.
+    """
+
+    hu: torch.Tensor
+    seg: torch.Tensor | None
+    cls: torch.Tensor | None
+    bag: torch.Tensor
+    positive: np.ndarray
+
+
+def to_train_case(item: LabelledVolume, size: int) -> TrainCase:
+    """Resample a labelled volume to the working matrix."""
+    import torch
+
+    from inference.windows import resize_plane
+
+    hu = torch.from_numpy(np.asarray(item.volume.hu, dtype=np.float32))
+    small = resize_plane(hu[:, None], (size, size))[:, 0].contiguous()
+    seg = None
+    if item.masks is not None:
+        m = torch.from_numpy(np.asarray(item.masks, dtype=np.float32))  # (5, z, y, x)
+        seg = resize_plane(m.permute(1, 0, 2, 3), (size, size)).permute(1, 0, 2, 3)
+        seg = seg.clamp(0, 1).to(torch.float16).contiguous()
+    cls = None
+    positive = np.zeros(0, dtype=np.int64)
+    if item.slice_labels is not None:
+        cls = torch.from_numpy(np.asarray(item.slice_labels, dtype=np.float32))
+        positive = np.flatnonzero(item.slice_labels[:, 0])
+    bag = torch.from_numpy(np.asarray(item.series_labels, dtype=np.float32))
+    return TrainCase(hu=small, seg=seg, cls=cls, bag=bag, positive=positive)
+
+
+class CaseStream:
+    """A deterministic, endless stream of training items: item ``i`` depends only on
+    ``(seed, i)``, so a resumed run can skip to where it stopped without loading."""
+
+    def __init__(self, keys: list[Any], loader: Callable[[Any], LabelledVolume | None], seed: int):
+        if not keys:
+            raise ValueError("no training series")
+        self.keys = keys
+        self.loader = loader
+        self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def key(self, index: int) -> Any:
+        """The key of item ``index`` (a fresh permutation of the keys each epoch)."""
+        epoch, pos = divmod(index, len(self.keys))
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = (epoch, rng.permutation(len(self.keys)))
+        return self.keys[int(self._perm[1][pos])]
+
+    def items(self, start: int) -> Iterator[LabelledVolume]:
+        """Loaded items from index ``start`` on, skipping those the loader rejects."""
+        index = start
+        while True:
+            item = self.loader(self.key(index))
+            index += 1
+            if item is not None:
+                yield item
+
+
+def build_sources(
+    args: argparse.Namespace,
+) -> tuple[CaseStream, Callable[[], Iterator[LabelledVolume]], str]:
+    """The training stream, a factory of the validation items, and the loss mode
+    (``slice`` for per-slice labels, ``bag`` for scan-level labels)."""
+    from inference.datasets import (
+        Cq500Dataset,
+        DatasetError,
+        RsnaDataset,
+        SeriesRef,
+        iter_loaded,
+        parse_seeds,
+        phantom_case,
+        phantom_cases,
+        split_of,
+    )
+    from inference.volume import SeriesSkipped
+
+    if args.data == "phantom":
+        train_seeds = parse_seeds(args.train_seeds)
+        val_seeds = parse_seeds(args.val_seeds)
+        overlap = set(range(max(train_seeds.start, val_seeds.start),
+                            min(train_seeds.stop, val_seeds.stop)))
+        test = parse_seeds(TEST_SEEDS)
+        if overlap or (train_seeds.start < test.stop and test.start < train_seeds.stop):
+            raise DatasetError("training seeds overlap the validation or test seeds")
+
+        def load_phantom(seed: int) -> LabelledVolume:
+            return phantom_case(seed, n_slices=args.phantom_slices, matrix=args.phantom_matrix)
+
+        stream = CaseStream(list(train_seeds), load_phantom, args.seed)
+        def val_phantoms() -> Iterator[LabelledVolume]:
+            return phantom_cases(val_seeds, n_slices=args.val_slices, matrix=args.phantom_matrix)
+
+        return stream, val_phantoms, "slice"
+
+    dataset: RsnaDataset | Cq500Dataset
+    if args.data == "rsna":
+        if args.rsna_csv is None or args.rsna_dir is None:
+            raise DatasetError("--data rsna needs --rsna-csv and --rsna-dir")
+        dataset = RsnaDataset(args.rsna_csv, args.rsna_dir)
+        mode = "slice"
+    else:
+        if args.cq500_reads is None or args.cq500_dir is None:
+            raise DatasetError("--data cq500 needs --cq500-reads and --cq500-dir")
+        dataset = Cq500Dataset(args.cq500_reads, args.cq500_dir)
+        mode = "bag"
+    train_refs = [r for r in dataset.series if split_of(r.key, args.val_fraction) == "train"]
+    val_refs = [r for r in dataset.series if split_of(r.key, args.val_fraction) == "val"]
+    if not train_refs or not val_refs:
+        # Tiny data sets: hold out the last series so both sides exist.
+        if len(dataset.series) < 2:
+            raise DatasetError("need at least two series (one for validation)")
+        train_refs, val_refs = dataset.series[:-1], dataset.series[-1:]
+    logger.info("%s: %d training and %d validation series", args.data, len(train_refs),
+                len(val_refs))
+
+    def load_real(ref: SeriesRef) -> LabelledVolume | None:
+        try:
+            return dataset.load(ref)
+        except SeriesSkipped as exc:
+            logger.warning("skipping series %s: %s", ref.key, exc.reason)
+            return None
+
+    stream = CaseStream(train_refs, load_real, args.seed)
+    return stream, lambda: iter_loaded(dataset, val_refs), mode
+
+
+# --- sampling and augmentation ------------------------------------------------
+
+
+def sample_slices(
+    cache: list[TrainCase], batch_size: int, rng: np.random.Generator, neighbours: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """A balanced batch of slices: half from slices with blood when the cache has any.
+
+    Returns HU stacks (B, 2n+1, S, S), mask targets (B, 5, S, S) or None, class
+    targets (B, 6) and a per-sample weight of the mask loss (B,) (0 where the case
+    has no masks).
+    """
+    import torch
+
+    from inference.windows import neighbour_index
+
+    hus, segs, clss, has_seg = [], [], [], []
+    size = cache[0].hu.shape[-1]
+    for b in range(batch_size):
+        case = cache[int(rng.integers(len(cache)))]
+        if b % 2 == 0 and len(case.positive) == 0:
+            candidates = [c for c in cache if len(c.positive)]
+            if candidates:
+                case = candidates[int(rng.integers(len(candidates)))]
+        z = case.hu.shape[0]
+        if b % 2 == 0 and len(case.positive):
+            k = int(case.positive[int(rng.integers(len(case.positive)))])
+        else:
+            k = int(rng.integers(z))
+        idx = torch.from_numpy(neighbour_index(z, neighbours)[k])
+        hus.append(case.hu[idx])
+        assert case.cls is not None
+        clss.append(case.cls[k])
+        if case.seg is not None:
+            segs.append(case.seg[:, k].float())
+            has_seg.append(1.0)
+        else:
+            segs.append(torch.zeros((len(SUBTYPES), size, size)))
+            has_seg.append(0.0)
+    seg = torch.stack(segs) if any(has_seg) else None
+    return torch.stack(hus), seg, torch.stack(clss), torch.tensor(has_seg)
+
+
+def augment(
+    hu: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random rotation (+-15 deg), left-right flip, scale (0.85-1.2), shift (+-6%),
+    contrast (x0.92-1.08, +-6 HU) and Gaussian noise (0-6 HU) on a HU batch
+    (B, C, S, S); the masks follow the geometry."""
+    import torch
+    import torch.nn.functional as F
+
+    b = hu.shape[0]
+
+    def uniform(low: float, high: float, n: int = b) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=gen)
+
+    angle = uniform(-math.pi / 12, math.pi / 12)
+    scale = uniform(0.85, 1.2)
+    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = cos * flip
+    theta[:, 0, 1] = -sin
+    theta[:, 1, 0] = sin * flip
+    theta[:, 1, 1] = cos
+    theta[:, :, 2] = uniform(-0.06, 0.06, 2 * b).view(b, 2)
+    grid = F.affine_grid(theta, list(hu.shape), align_corners=False)
+    # Air outside the image: shift so that zero padding means -1024 HU.
+    hu = F.grid_sample(hu + 1024.0, grid, mode="bilinear", align_corners=False) - 1024.0
+    if seg is not None:
+        seg = F.grid_sample(seg, grid, mode="bilinear", align_corners=False)
+    gain = uniform(0.92, 1.08).view(b, 1, 1, 1)
+    offset = uniform(-6.0, 6.0).view(b, 1, 1, 1)
+    sd = uniform(0.0, 6.0).view(b, 1, 1, 1)
+    noise = torch.randn(hu.shape, generator=gen) * sd
+    return hu * gain + offset + noise, seg
+
+
+def to_input(hu: torch.Tensor) -> torch.Tensor:
+    """HU stacks (B, 2n+1, S, S) to windowed network input (B, 3(2n+1), S, S)."""
+    from inference.windows import apply_windows
+
+    win = apply_windows(hu)  # (B, 2n+1, 3, S, S)
+    return win.reshape(hu.shape[0], -1, *hu.shape[-2:])
+
+
+# --- losses -------------------------------------------------------------------
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice over the batch for each subtype, on samples with masks."""
+    import torch
+    import torch.nn.functional as F
+
+    w = weight.view(-1, 1, 1, 1).to(logits.dtype)
+    if float(w.sum()) == 0:
+        return logits.sum() * 0.0
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * w).sum() / (w.sum() * logits[0].numel())
+    prob = torch.sigmoid(logits) * w
+    t = target * w
+    inter = (prob * t).sum(dim=(0, 2, 3))
+    denom = prob.sum(dim=(0, 2, 3)) + t.sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return bce + (1.0 - dice).mean()
+
+
+def lse_pool(logits: torch.Tensor, r: float = 5.0) -> torch.Tensor:
+    """Log-sum-exp pooling of (z, 6) slice logits to (6,) series logits (a smooth max)."""
+    import torch
+
+    n = logits.shape[0]
+    return (torch.logsumexp(r * logits, dim=0) - math.log(n)) / r
+
+
+# --- the loop -----------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warm-up then cosine decay to 2% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _checkpoint_path(args: argparse.Namespace) -> Path:
+    return Path(args.checkpoint_dir) / "checkpoint.pt"
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train, pick thresholds on the validation set, write the weights; return their path."""
+    import torch
+    from torch.nn import functional as F
+
+    from inference.model import HemorrhageNet, ModelConfig, count_parameters
+    from inference.predictor import read_weights, resolve_device
+    from inference.windows import input_channels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.steps < 1 or args.batch_size < 2:
+        raise ValueError("--steps must be >= 1 and --batch-size >= 2")
+    torch.manual_seed(args.seed)
+    config = ModelConfig(
+        in_channels=input_channels(1),
+        base_width=args.base_width,
+        depth=args.depth,
+        input_size=args.input_size,
+        neighbours=1,
+    )
+    model = HemorrhageNet(config)
+    if args.init:
+        ckpt, _ = read_weights(args.init)
+        init_config = ModelConfig.from_dict(dict(ckpt["model_config"]))
+        if init_config != config:
+            config = init_config
+            model = HemorrhageNet(config)
+            logger.info("network config taken from --init weights: %s", config)
+        model.load_state_dict(ckpt["state_dict"])
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    start_step = 0
+    ckpt_path = _checkpoint_path(args)
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        logger.info("resumed from %s at step %d", ckpt_path, start_step)
+    logger.info(
+        "network: %d parameters, input %d px, device %s", count_parameters(model),
+        config.input_size, device,
+    )
+
+    stream, val_items, mode = build_sources(args)
+    cache_size = max(1, args.cache_cases)
+    refresh = max(1, args.refresh_every)
+    drawn_at_start = start_step // refresh
+    items = stream.items(drawn_at_start)
+    cache: deque[TrainCase] = deque(maxlen=cache_size)
+    t0 = time.monotonic()
+    for _ in range(cache_size):
+        cache.append(to_train_case(next(items), config.input_size))
+    logger.info("filled the cache with %d cases in %.1f s", len(cache), time.monotonic() - t0)
+
+    pos_weight = torch.tensor(POS_WEIGHT, device=device)
+    progress = _progress(args, start_step)
+    model.train()
+    last_loss = float("nan")
+    for step in range(start_step, args.steps):
+        if step > start_step and step % refresh == 0:
+            cache.append(to_train_case(next(items), config.input_size))
+        rng = np.random.default_rng([args.seed, step])
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        torch.manual_seed(args.seed * 7919 + step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        if mode == "slice":
+            hu, seg, cls, has_seg = sample_slices(list(cache), args.batch_size, rng, 1)
+            hu, seg = augment(hu, seg, gen)
+            out = model(to_input(hu).to(device))
+            loss = F.binary_cross_entropy_with_logits(
+                out["cls"], cls.to(device), pos_weight=pos_weight
+            )
+            if seg is not None:
+                loss = loss + seg_loss(out["seg"], seg.to(device), has_seg.to(device))
+        else:
+            case = list(cache)[int(rng.integers(len(cache)))]
+            z = case.hu.shape[0]
+            keep = np.linspace(0, z - 1, min(z, args.batch_size * 3)).round().astype(int)
+            from inference.windows import neighbour_index
+
+            idx = torch.from_numpy(neighbour_index(z, 1)[keep])
+            hu, _ = augment(case.hu[idx], None, gen)
+            out = model(to_input(hu).to(device))
+            loss = F.binary_cross_entropy_with_logits(
+                lse_pool(out["cls"]), case.bag.to(device), pos_weight=pos_weight
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        last_loss = 0.9 * last_loss + 0.1 * loss.item() if math.isfinite(last_loss) else loss.item()
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1)
+            logger.info("step %d loss %.4f (checkpoint)", step + 1, last_loss)
+        if args.stop_at and step + 1 >= args.stop_at:
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1)
+            progress.close()
+            logger.info("stopped at step %d; continue with --resume", step + 1)
+            return ckpt_path
+    progress.close()
+    return finish(args, model, config, val_items)
+
+
+def _progress(args: argparse.Namespace, start: int) -> Any:
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=args.steps,
+        initial=start,
+        desc="train",
+        file=sys.stderr,
+        disable=args.no_progress,
+        mininterval=0.5 if interactive else 30.0,
+        dynamic_ncols=interactive,
+    )
+
+
+def _save_checkpoint(
+    path: Path, model: HemorrhageNet, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+               tmp)
+    os.replace(tmp, path)
+
+
+def finish(
+    args: argparse.Namespace,
+    model: HemorrhageNet,
+    config: Any,
+    val_items: Callable[[], Iterator[LabelledVolume]],
+) -> Path:
+    """Pick thresholds on the validation set and write the weights file."""
+    import torch
+
+    from config import ICHNODE_VERSION
+    from inference.evaluate import collect, pick_threshold, roc_auc
+    from inference.predictor import Predictor, make_checkpoint
+
+    model.eval()
+    version = args.version or f"{ICHNODE_VERSION}+{args.data}.s{args.seed}.{args.steps}"
+    training = {
+        "command": shlex.join(["ichnode", "train", *_cli_argv()]),
+        "seed": int(args.seed),
+        "data": args.data,
+        "steps": int(args.steps),
+        "train_seeds": args.train_seeds if args.data == "phantom" else "",
+        "val_seeds": args.val_seeds if args.data == "phantom" else "",
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": str(torch.__version__),
+    }
+    provisional = make_checkpoint(
+        model.cpu(), thresholds=dict.fromkeys(CLASSES, 0.5), version=version, training=training
+    )
+    predictor = Predictor.from_checkpoint(provisional, device=args.device)
+    results = collect(predictor, val_items(), explain=False)
+    thresholds: dict[str, float] = {}
+    val_auc: dict[str, float] = {}
+    for name in CLASSES:
+        y = results.series_labels[:, CLASSES.index(name)]
+        p = results.series_probabilities[:, CLASSES.index(name)]
+        thresholds[name] = pick_threshold(y, p, TARGET_SENSITIVITY)
+        val_auc[name] = roc_auc(y, p)
+    training["val_auc"] = val_auc
+    training["val_series"] = len(results.series_labels)
+    logger.info("validation AUC %s", {k: round(v, 4) for k, v in val_auc.items()})
+    logger.info("thresholds %s", {k: round(v, 4) for k, v in thresholds.items()})
+    ckpt = make_checkpoint(model, thresholds=thresholds, version=version, training=training)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _cli_argv() -> list[str]:
+    """The ``ichnode train`` arguments of this process (after the sub-command)."""
+    argv = sys.argv[1:]
+    return argv[argv.index("train") + 1 :] if "train" in argv else argv

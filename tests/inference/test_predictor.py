@@ -1,0 +1,172 @@
+"""The predictor with the bundled weights: findings on phantom heads, single and
+two-slice input, masks and volumes at the source matrix, the held-out metric
+targets, the two real QA-phantom series, and clear errors for bad weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.datasets import phantom_case, phantom_volume
+from inference.evaluate import collect, compute_metrics, mean_dice
+from inference.findings import CLASSES, SUBTYPES
+from inference.phantom import generate_case
+from inference.predictor import Predictor, WeightsError, decide, series_probabilities
+from inference.train import TEST_SEEDS
+from tests.interop import REAL_5MM, REAL_TILT, require_real_data
+
+REPO = Path(__file__).resolve().parents[2]
+#: A slice of the reserved test seeds, never used in training or validation.
+HELD_OUT = range(int(TEST_SEEDS.split(":")[0]) + 100, int(TEST_SEEDS.split(":")[0]) + 140)
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor(device="cpu")
+
+
+def _case(seed: int, subtypes: tuple[str, ...], n_slices: int = 16):  # type: ignore[no-untyped-def]
+    case = generate_case(seed, n_slices=n_slices, matrix=256, subtypes=subtypes,
+                         slice_thickness=5.0)
+    return case, phantom_volume(case.hu, case.spacing, f"t{seed}")
+
+
+@pytest.mark.parametrize(("seed", "subtype"), [(1000001, "intraparenchymal"),
+                                               (1000002, "subdural"),
+                                               (1000003, "epidural")])
+def test_finds_the_bleed_and_its_subtype(predictor: Predictor, seed: int, subtype: str) -> None:
+    case, volume = _case(seed, (subtype,))
+    findings = predictor.predict(volume, explain=False)
+    assert findings.hemorrhage_present
+    assert findings.subtypes[subtype].present
+    i = SUBTYPES.index(subtype)
+    assert findings.masks.shape == (5, 16, 256, 256) and findings.masks.dtype == bool
+    # volume from the true voxel size, and close to the painted bleed
+    voxel_ml = float(np.prod(case.spacing)) / 1000.0
+    assert findings.subtypes[subtype].volume_ml == pytest.approx(
+        findings.masks[i].sum() * voxel_ml)
+    truth_ml = float(case.labels[i].sum()) * voxel_ml
+    assert findings.subtypes[subtype].volume_ml == pytest.approx(truth_ml, rel=0.4)
+    overlap = (findings.masks[i] & case.labels[i]).sum() / max(1, case.labels[i].sum())
+    assert overlap > 0.5
+    assert findings.model_version and len(findings.weights_sha256) == 64
+    assert set(findings.thresholds) == set(CLASSES)
+
+
+def test_negative_head_is_negative(predictor: Predictor) -> None:
+    _, volume = _case(1000004, ())
+    findings = predictor.predict(volume, explain=False)
+    assert not findings.hemorrhage_present
+    assert not any(f.present for f in findings.subtypes.values())
+    assert not findings.masks.any()
+    assert all(f.volume_ml == 0.0 for f in findings.subtypes.values())
+    doc = findings.to_json()
+    assert doc["hemorrhage"]["present"] is False and len(doc["slices"]) == 16
+
+
+def test_single_slice_and_two_slice_input(predictor: Predictor) -> None:
+    case, _ = _case(1000005, ("intraparenchymal",))
+    k = int(np.argmax(case.labels[0].sum(axis=(1, 2))))
+    for lo, hi in ((k, k + 1), (k, k + 2)):
+        hu = case.hu[lo:hi]
+        volume = phantom_volume(hu, case.spacing, f"s{hi - lo}")
+        findings = predictor.predict(volume)
+        assert len(findings.slices) == hi - lo
+        assert findings.masks.shape == (5, hi - lo, 256, 256)
+        assert findings.gradcam is not None and findings.gradcam.shape == (hi - lo, 256, 256)
+        assert findings.slices[0].probabilities["any"] > 0.5
+        assert findings.hemorrhage_present
+    # a 2D array is one slice too
+    assert predictor.run(case.hu[k], explain=False).masks.shape == (5, 1, 256, 256)
+
+
+def test_masks_follow_a_non_square_source_matrix(predictor: Predictor) -> None:
+    case, _ = _case(1000006, ("intraparenchymal",), n_slices=4)
+    hu = case.hu[:, 20:236, :]  # 216 x 256
+    findings = predictor.predict(phantom_volume(hu, case.spacing, "ns"), explain=True)
+    assert findings.masks.shape == (5, 4, 216, 256)
+    assert findings.gradcam is not None and findings.gradcam.shape == (4, 216, 256)
+
+
+def test_held_out_metric_targets(predictor: Predictor) -> None:
+    """The bundled weights on 40 reserved test seeds (about one minute)."""
+    items = (phantom_case(seed, n_slices=16) for seed in HELD_OUT)
+    results = collect(predictor, items)
+    metrics = compute_metrics(results)["series"]
+    assert metrics["any"].auc >= 0.98
+    assert metrics["any"].sensitivity >= 0.9
+    for name in SUBTYPES:
+        if results.series_labels[:, CLASSES.index(name)].any():
+            assert metrics[name].auc >= 0.9, name
+    assert mean_dice(results.dice) >= 0.7
+
+
+@pytest.mark.parametrize("folder", [REAL_5MM, REAL_TILT], ids=["5mm", "tilt"])
+def test_real_qa_phantom_series_have_no_hemorrhage(predictor: Predictor, folder: Path) -> None:
+    from inference.volume import load_volume, read_series
+
+    require_real_data()
+    groups, _ = read_series([folder])
+    assert len(groups) == 1
+    volume = load_volume(next(iter(groups.values())))
+    findings = predictor.predict(volume)
+    assert not findings.hemorrhage_present, findings.hemorrhage_probability
+    assert not findings.masks.any()
+    assert findings.masks.shape[1:] == volume.hu.shape
+
+
+def test_decisions_and_pooling() -> None:
+    probs = np.array([[0.1, 0.0, 0.0, 0.0, 0.2, 0.0], [0.3, 0.0, 0.0, 0.0, 0.9, 0.0]])
+    series = series_probabilities(probs)
+    assert series["any"] == pytest.approx(0.3) and series["subdural"] == pytest.approx(0.9)
+    present = decide(series, dict.fromkeys(CLASSES, 0.5))
+    assert present["subdural"] and present["any"]  # a subtype implies hemorrhage
+    assert not present["intraparenchymal"]
+
+
+def test_bad_weights_and_devices_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        Predictor(tmp_path / "missing.pt", device="cpu")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="not a readable torch weights file"):
+        Predictor(junk, device="cpu")
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(WeightsError, match="not an ichnode weights file"):
+        Predictor(other, device="cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        Predictor(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            Predictor(device="cuda")
+
+
+def test_bundled_weights_file_is_small() -> None:
+    path = REPO / "inference" / "weights" / "ichnode-ich.pt"
+    assert path.stat().st_size <= 10 * 1024 * 1024
+
+
+def test_inference_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys, inference, inference.train, inference.evaluate, inference.predictor, "
+        "inference.datasets, inference.explain, inference.windows; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(predictor: Predictor) -> None:
+    _, volume = _case(1000001, ("intraparenchymal",), n_slices=8)
+    cpu = predictor.predict(volume)
+    gpu = Predictor(device="cuda").predict(volume)
+    assert gpu.hemorrhage_present == cpu.hemorrhage_present
+    assert gpu.hemorrhage_probability == pytest.approx(cpu.hemorrhage_probability, abs=0.02)

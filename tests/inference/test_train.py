@@ -1,0 +1,149 @@
+"""Training on the phantom: sampling, augmentation, losses, checkpoints, resume and
+the weights file it writes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.datasets import phantom_case
+from inference.findings import CLASSES
+from inference.predictor import Predictor, read_weights
+from inference.train import augment, lr_at, lse_pool, sample_slices, seg_loss, to_train_case, train
+from node.cli import build_parser
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    return build_parser().parse_args(
+        [
+            "train",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--cache-cases",
+            "2",
+            "--refresh-every",
+            "2",
+            "--input-size",
+            "64",
+            "--base-width",
+            "4",
+            "--phantom-slices",
+            "6",
+            "--phantom-matrix",
+            "64",
+            "--val-seeds",
+            "900000:900006",
+            "--val-slices",
+            "6",
+            "--device",
+            "cpu",
+            "--seed",
+            "5",
+            "--checkpoint-every",
+            "2",
+            "--out",
+            str(tmp_path / "w.pt"),
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    straight = train(_args(tmp_path / "a"))
+    stopped = train(_args(tmp_path / "b", "--stop-at", "2"))
+    assert stopped.name == "checkpoint.pt"
+    assert not (tmp_path / "b" / "w.pt").exists()
+    assert int(torch.load(stopped, weights_only=True)["step"]) == 2
+    resumed = train(_args(tmp_path / "b", "--resume"))
+    a, _ = read_weights(straight)
+    b, _ = read_weights(resumed)
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-5), key
+    assert a["thresholds"] == pytest.approx(b["thresholds"])
+    # and a different seed trains a different network
+    other = train(_args(tmp_path / "c", "--seed", "6"))
+    c, _ = read_weights(other)
+    assert not torch.allclose(
+        a["state_dict"]["seg_head.weight"], c["state_dict"]["seg_head.weight"]
+    )
+
+
+def test_weights_file_records_how_it_was_made(tmp_path: Path) -> None:
+    path = train(_args(tmp_path, "--steps", "2", "--version", "9.9-test"))
+    assert path.stat().st_size < 10 * 1024 * 1024
+    predictor = Predictor(path, device="cpu")
+    assert predictor.model_version == "9.9-test"
+    assert set(predictor.thresholds) == set(CLASSES)
+    assert all(0.0 < t < 1.0 for t in predictor.thresholds.values())
+    assert predictor.training["seed"] == 5
+    assert predictor.training["data"] == "phantom"
+    assert predictor.training["command"].startswith("ichnode train")
+    assert predictor.training["val_seeds"] == "900000:900006"
+    assert predictor.config.input_size == 64 and predictor.config.base_width == 4
+    assert len(predictor.weights_sha256) == 64
+
+
+def test_resume_without_checkpoint_and_overlapping_seeds_are_refused(tmp_path: Path) -> None:
+    from inference.datasets import DatasetError
+
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(_args(tmp_path, "--resume"))
+    with pytest.raises(DatasetError, match="overlap"):
+        train(_args(tmp_path, "--train-seeds", "899990:900010"))
+    with pytest.raises(DatasetError, match="overlap"):
+        train(_args(tmp_path, "--train-seeds", "0:2000000"))
+
+
+def test_sampling_is_balanced_towards_slices_with_blood() -> None:
+    cases = [to_train_case(phantom_case(s, n_slices=8, matrix=64), 32) for s in range(4)]
+    assert any(len(c.positive) for c in cases)
+    rng = np.random.default_rng(0)
+    hu, seg, cls, has_seg = sample_slices(cases, 16, rng, 1)
+    assert hu.shape == (16, 3, 32, 32)
+    assert seg is not None and seg.shape == (16, 5, 32, 32)
+    assert cls.shape == (16, 6)
+    assert float(cls[:, 0].sum()) >= 8
+    assert torch.all(has_seg == 1)
+
+
+def test_augmentation_moves_masks_with_the_image() -> None:
+    hu = torch.full((6, 3, 48, 48), 20.0)
+    seg = torch.zeros((6, 5, 48, 48))
+    hu[:, :, 10:20, 25:35] = 400.0
+    seg[:, 1, 10:20, 25:35] = 1.0
+    gen = torch.Generator().manual_seed(1)
+    out_hu, out_seg = augment(hu, seg, gen)
+    assert out_seg is not None
+    moved = 0
+    for b in range(6):
+        inside = out_seg[b, 1] > 0.9
+        assert int(inside.sum()) > 20
+        assert float(out_hu[b, 1][inside].mean()) > 300.0
+        moved += int(not torch.equal(inside, seg[b, 1] > 0.9))
+    assert moved >= 5
+    assert float(out_seg[:, [0, 2, 3, 4]].abs().max()) == 0.0
+
+
+def test_losses_and_schedule() -> None:
+    logits = torch.tensor([[-4.0] * 6, [3.0] * 6, [0.0] * 6])
+    pooled = lse_pool(logits)
+    assert torch.all(pooled <= logits.max(0).values + 1e-6)
+    assert torch.all(pooled >= logits.mean(0) - 1e-6)
+    target = torch.zeros((2, 5, 8, 8))
+    target[:, 0, 2:5, 2:5] = 1.0
+    good = torch.where(target > 0, 8.0, -8.0)
+    assert float(seg_loss(good, target, torch.ones(2))) < 0.05
+    assert float(seg_loss(-good, target, torch.ones(2))) > 1.0
+    assert float(seg_loss(-good, target, torch.zeros(2))) == 0.0
+    assert lr_at(0, 1000, 1.0) == pytest.approx(0.01)
+    assert lr_at(100, 1000, 1.0) == pytest.approx(1.0)
+    assert lr_at(999, 1000, 1.0) < 0.05
