@@ -394,6 +394,9 @@ def worker_main(
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
+    if log_level > logging.DEBUG:
+        # highdicom logs every attribute it copies at INFO.
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     from inference.predictor import Predictor, WeightsError
 
     settings = Settings(**settings_data)

@@ -29,6 +29,9 @@ from tests.interop import REPO, free_port
 
 T = TypeVar("T")
 
+#: Weights file for the node and ``analyze`` in the loop tests (default: the bundled ones).
+TEST_WEIGHTS = os.environ.get("LOOP_TEST_WEIGHTS") or None
+
 
 @dataclass(frozen=True)
 class Destination:
@@ -54,6 +57,7 @@ class NodeRunner:
         backoff_max: float | None = None,
         sqlite_synchronous: str | None = "NORMAL",
         device: str | None = "cpu",
+        weights: str | None = TEST_WEIGHTS,
         extra_toml: str = "",
         ae_title: str = "ICHNODE",
     ) -> None:
@@ -86,7 +90,7 @@ class NodeRunner:
                 sqlite_synchronous=sqlite_synchronous,
             )
             + section("scheduler", series_quiet_seconds=quiet_seconds)
-            + section("inference", device=device, workers=workers)
+            + section("inference", device=device, workers=workers, weights=weights)
             + section(
                 "delivery",
                 backoff_initial_seconds=backoff_initial,
