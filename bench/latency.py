@@ -144,6 +144,7 @@ def run(n_series: int, workdir: Path) -> dict[str, Any]:
             row["latency_s"] = (row["acked_at"] - sent_at).total_seconds()
             rows.append(row)
             print(f"series {i + 1}: {row['latency_s']:.2f} s", file=sys.stderr)
+        time.sleep(2.0)  # the node observes finished stages once a second
         metrics = _stage_histograms(node.scrape())
     finally:
         node.stop()
@@ -177,6 +178,9 @@ def run(n_series: int, workdir: Path) -> dict[str, Any]:
             "all": [round(v, 3) for v in latencies],
         },
         "stages_median_s": {k: statistics.median(v) for k, v in breakdown.items()},
+        "stages_per_series_s": [
+            {k: round(v[i], 3) for k, v in breakdown.items()} for i in range(len(rows))
+        ],
         "metrics_histograms": metrics,
         "target_p95_s": 10.0,
     }

@@ -275,7 +275,7 @@ class Scheduler:
         quiet_seconds: float,
         routing: RoutingSettings,
         jobs: JobSettings,
-        poll_seconds: float = 0.2,
+        poll_seconds: float = 0.1,
         on_tick: Callable[[], object] | None = None,
     ) -> None:
         self.index = index

@@ -233,7 +233,7 @@ class Sender:
         destinations: list[DestinationSettings],
         delivery: DeliverySettings,
         calling_ae: str,
-        poll_seconds: float = 0.25,
+        poll_seconds: float = 0.1,
     ) -> None:
         self.index = index
         self.delivery = delivery

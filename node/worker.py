@@ -380,6 +380,21 @@ def _die_with_parent() -> None:
         logger.debug("prctl(PR_SET_PDEATHSIG) not available; relying on the parent check")
 
 
+def _warm_up(predictor: Predictor) -> None:
+    """Run the model once on a tiny volume and import the encoders, so the first job is fast."""
+    import numpy as np
+
+    import node.results  # noqa: F401  (highdicom and its code tables load here, not in a job)
+
+    started = time.perf_counter()
+    try:
+        predictor.run(np.zeros((3, 64, 64), dtype=np.float32), explain=True)
+    except (RuntimeError, ValueError) as exc:
+        logger.warning("model warm-up failed (%s); the first job will be slower", exc)
+        return
+    logger.debug("model warm-up took %.2f s", time.perf_counter() - started)
+
+
 def worker_main(
     settings_data: dict[str, Any],
     stop: multiprocessing.synchronize.Event,
@@ -412,6 +427,7 @@ def worker_main(
         sqlite_synchronous=settings.storage.sqlite_synchronous,
     )
     runner = JobRunner(settings, index, predictor)
+    _warm_up(predictor)
     ready.set()
     logger.info("worker %s ready", runner.claimed_by)
     while not stop.is_set() and os.getppid() == parent:
@@ -431,7 +447,7 @@ class WorkerPool:
         How many processes (``inference.workers``).
     """
 
-    def __init__(self, settings: Settings, count: int, poll_seconds: float = 0.2) -> None:
+    def __init__(self, settings: Settings, count: int, poll_seconds: float = 0.1) -> None:
         self.settings = settings
         self.count = count
         self.poll_seconds = poll_seconds
