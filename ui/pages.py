@@ -193,7 +193,12 @@ def _worklist_table(
         table(shown),
         hide_index=True,
         width="stretch",
-        column_config={"series UID": st.column_config.TextColumn(width="small")},
+        column_config={
+            "status": st.column_config.TextColumn(width="medium"),
+            "finding": st.column_config.TextColumn(width="large"),
+            "delivery": st.column_config.TextColumn(width="medium"),
+            "series UID": st.column_config.TextColumn(width="small"),
+        },
     )
     by_uid: dict[str, WorklistRow] = {r.series_instance_uid: r for r in shown}
     left, right = st.columns([4, 1], vertical_alignment="bottom")

@@ -19,7 +19,6 @@ from inference.findings import SUBTYPES
 from ui.figures import probability_figure, volume_figure
 from ui.metadata import header_rows, header_table, summary
 from ui.render import (
-    SUBTYPE_COLOURS,
     WINDOW_PRESETS,
     OverlayOptions,
     apply_window,
@@ -28,6 +27,7 @@ from ui.render import (
     nearest,
     to_png,
 )
+from ui.render import legend as render_legend
 from ui.series import ViewerData
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,10 @@ def finding_banner(data: ViewerData) -> None:
     if data.hemorrhage:
         found = data.subtypes_found()
         detail = ", ".join(f"{name} {data.subtypes[name].volume_ml:.1f} mL" for name in found)
-        st.error(f"Hemorrhage found{p_text}" + (f": {detail}" if detail else ""), icon="🩸")
+        st.error(
+            f"Hemorrhage found{p_text}" + (f": {detail}" if detail else ""),
+            icon=":material/warning:",
+        )
     else:
         st.success(f"No hemorrhage found{p_text}")
     if data.note:
@@ -64,10 +67,10 @@ def finding_banner(data: ViewerData) -> None:
                 {
                     "subtype": name,
                     "present": "yes" if finding.present else "no",
-                    "probability": None
-                    if not math.isfinite(finding.probability)
-                    else round(finding.probability, 3),
-                    "volume (mL)": round(finding.volume_ml, 2) if finding.present else None,
+                    "probability": f"{finding.probability:.2f}"
+                    if math.isfinite(finding.probability)
+                    else "",
+                    "volume (mL)": f"{finding.volume_ml:.2f}" if finding.present else "",
                 }
             )
         st.dataframe(rows, hide_index=True, width="stretch")
@@ -161,15 +164,14 @@ def show(
         with_mask = data.subtypes_with_mask()
         shown: list[str] = []
         if with_mask:
-            st.markdown("**Overlays**")
+            legend = " ".join(
+                f"<span style='color:{css};font-weight:600'>■ {name}</span>"
+                for name, css in render_legend(with_mask)
+            )
+            st.markdown(f"**Overlays** &nbsp; {legend}", unsafe_allow_html=True)
             for name in with_mask:
-                r, g, b = SUBTYPE_COLOURS[name]
-                if st.checkbox(f"{name}", value=True, key=f"{key}-show-{name}"):
+                if st.checkbox(name, value=True, key=f"{key}-show-{name}"):
                     shown.append(name)
-                st.markdown(
-                    f"<span style='color:rgb({r},{g},{b});font-size:0.8em'>■ {name}</span>",
-                    unsafe_allow_html=True,
-                )
             opacity = st.slider("Mask opacity", 0.0, 1.0, 0.45, 0.05, key=f"{key}-opacity")
         else:
             opacity = 0.45

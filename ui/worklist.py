@@ -254,7 +254,6 @@ def table(rows: Iterable[WorklistRow]) -> list[dict[str, object]]:
                 "study date": _format_date(row.study_date),
                 "study": row.study_description,
                 "series": row.series_description,
-                "modality": row.modality,
                 "slices": row.instances,
                 "status": row.status_label,
                 "finding": row.finding_label,
@@ -262,6 +261,7 @@ def table(rows: Iterable[WorklistRow]) -> list[dict[str, object]]:
                 "received": row.last_instance_at.strftime("%Y-%m-%d %H:%M:%S")
                 if row.last_instance_at
                 else "",
+                "modality": row.modality,
                 "series UID": row.series_instance_uid,
             }
         )

@@ -1,0 +1,199 @@
+"""The web interface in a real browser: ``ichnode ui`` as a subprocess, headless Chromium.
+
+Opens the worklist of a node index holding an analysed positive study, finds
+the study, opens it in the viewer, and checks the finding and the overlay
+colours in the rendered image. Fails on any Streamlit error on the page.
+Screenshots go to ``docs/screenshots/`` when ``ICHNODE_UPDATE_SCREENSHOTS=1``
+(else to the test's temporary folder). Skips when Chromium or Playwright is
+missing, and fails then under ``ICHNODE_REQUIRE_INTEROP=1``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.interop import REPO, free_port, missing, require_tool
+from tests.ui.conftest import NodeData
+from ui.render import SUBTYPE_COLOURS
+
+pytestmark = pytest.mark.interop
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = REPO / "docs" / "screenshots"
+TIMEOUT_MS = 60_000
+
+
+def _chromium() -> str:
+    path = Path("/usr/bin/chromium")
+    if path.exists():
+        return str(path)
+    return require_tool("chromium")
+
+
+@pytest.fixture
+def ui_server(node_data: NodeData) -> Iterator[str]:
+    """``ichnode ui`` on a free loopback port, stopped with SIGTERM afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ICHNODE_UI_CONFIG"}
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "ui",
+            "--config",
+            str(node_data.config_path),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if child.poll() is not None:
+                output = child.stdout.read() if child.stdout else ""
+                pytest.fail(f"ichnode ui exited with {child.returncode}: {output[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("ichnode ui did not answer its health check within 60 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _screenshot_folder(tmp_path: Path) -> Path:
+    if os.environ.get("ICHNODE_UPDATE_SCREENSHOTS", "") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return SCREENSHOTS
+    return tmp_path
+
+
+def _save(png: bytes, path: Path, width: int = 1100) -> None:
+    """Write a screenshot, scaled down and palette-quantised so the PNG stays small."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if image.width > width:
+        image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+
+
+def _assert_no_streamlit_error(page: Any) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")
+    assert "Traceback" not in page.inner_text("body")
+
+
+def _colour_pixels(png: bytes, colour: tuple[int, int, int]) -> int:
+    """Pixels whose chroma points the way of ``colour`` (robust to blending and scaling)."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float)
+    chroma = pixels - pixels.mean(axis=-1, keepdims=True)
+    target = np.asarray(colour, dtype=float)
+    target -= target.mean()
+    strength = np.linalg.norm(chroma, axis=-1)
+    cosine = (chroma @ target) / (strength * np.linalg.norm(target) + 1e-9)
+    return int(((strength > 40) & (cosine > 0.95)).sum())
+
+
+def test_worklist_to_viewer_in_chromium(
+    ui_server: str, node_data: NodeData, tmp_path: Path
+) -> None:
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("Python playwright is not installed (pip install -e '.[test]')")
+        return
+    shots = _screenshot_folder(tmp_path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(ui_server, wait_until="domcontentloaded")
+
+            # worklist: the positive study is the newest, listed first
+            page.get_by_role("heading", name="Worklist").wait_for()
+            page.locator('[data-testid="stDataFrame"]').wait_for()
+            choice = page.get_by_role("combobox", name="Series")
+            choice.wait_for()
+            chosen = choice.input_value()
+            assert chosen.startswith("ICH-POS · 2026-03-01 · Head 5mm"), chosen
+            assert "hemorrhage: intraparenchymal" in chosen and "subdural" in chosen
+            page.get_by_text("5 of 5 series · 1 with hemorrhage").wait_for()
+            _assert_no_streamlit_error(page)
+            _save(page.screenshot(full_page=False), shots / "worklist.png")
+
+            # open it: the viewer shows the finding and the overlay
+            page.get_by_role("button", name="Open in viewer").click()
+            page.get_by_role("heading", name="Viewer").wait_for()
+            alert = page.locator('[data-testid="stAlert"]').filter(has_text="Hemorrhage found")
+            alert.wait_for()
+            assert "subdural" in alert.inner_text() and "intraparenchymal" in alert.inner_text()
+            image = page.locator('[data-testid="stImage"] img').first
+            image.wait_for()
+            page.get_by_text("overlay:", exact=False).first.wait_for()
+            _assert_no_streamlit_error(page)
+            page.wait_for_function(
+                "img => img.complete && img.naturalWidth > 0", arg=image.element_handle()
+            )
+            rendered = image.screenshot()
+            (tmp_path / "rendered.png").write_bytes(rendered)
+            coloured = {
+                name: _colour_pixels(rendered, SUBTYPE_COLOURS[name])
+                for name in ("subdural", "intraparenchymal")
+            }
+            caption = page.locator('[data-testid="stImageCaption"]').first.inner_text()
+            on_slice = caption.split("overlay: ")[1].split(", ")
+            for name in on_slice:
+                assert coloured[name] > 20, (name, coloured, caption)
+            assert _colour_pixels(rendered, SUBTYPE_COLOURS["epidural"]) == 0
+            assert page.url.endswith(f"?series={node_data.positive.series_instance_uid}")
+            page.get_by_role("heading", name="Viewer").scroll_into_view_if_needed()
+            _save(page.screenshot(full_page=False), shots / "viewer.png")
+
+            # the metadata panel of the same page
+            page.get_by_text("Metadata").first.scroll_into_view_if_needed()
+            page.get_by_role("tab", name="Summary").wait_for()
+            _assert_no_streamlit_error(page)
+        finally:
+            browser.close()
