@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from config.settings import Settings
 from node.scheduler import ClaimedJob, claim_job, utcnow, worker_id
@@ -267,6 +267,13 @@ class JobRunner:
                 row.error = f"superseded by job {newer[0]} before it finished"
                 shutil.rmtree(self.results_root / str(job.id), ignore_errors=True)
                 return JobOutcome(job.id, "superseded", [], row.error)
+            # Keyed by job: rows of an earlier run of this same job are replaced
+            # (their files were replaced above), so one job has one set.
+            session.execute(
+                delete(Result)
+                .where(Result.job_id == job.id)
+                .execution_options(synchronize_session=False)
+            )
             session.execute(
                 update(Result)
                 .where(Result.series_id == job.series_id, Result.job_id != job.id)
