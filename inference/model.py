@@ -123,6 +123,32 @@ class HemorrhageNet(nn.Module):
         return {"cls": self.classify(feats[-1]), "seg": self.decode(feats), "features": feats[-1]}
 
 
+def fuse_batchnorm(model: HemorrhageNet) -> HemorrhageNet:
+    """Fold every BatchNorm into the convolution before it, for inference (eval mode).
+
+    The outputs are unchanged up to float rounding; the batch-norm layers become
+    identities. Training a fused model is not supported.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for block in model.modules():
+        if isinstance(block, ResBlock):
+            block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
+            block.bn1 = nn.Identity()  # type: ignore[assignment]
+            block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn2)
+            block.bn2 = nn.Identity()  # type: ignore[assignment]
+            if isinstance(block.shortcut, nn.Sequential):
+                conv, bn = block.shortcut[0], block.shortcut[1]
+                assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                block.shortcut = fuse_conv_bn_eval(conv, bn)
+    stem_conv, stem_bn = model.stem[0], model.stem[1]
+    if isinstance(stem_conv, nn.Conv2d) and isinstance(stem_bn, nn.BatchNorm2d):
+        model.stem[0] = fuse_conv_bn_eval(stem_conv, stem_bn)
+        model.stem[1] = nn.Identity()
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

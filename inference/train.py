@@ -65,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--val-slices", type=int, default=32, help="slices per phantom validation case"
     )
+    data.add_argument(
+        "--qa-negatives", type=float, default=0.1,
+        help="share of phantom training cases turned into QA-phantom-like negatives "
+        "(skull around air or water with plastic inserts, no blood)",
+    )
     data.add_argument("--rsna-csv", type=Path, help="RSNA stage_2_train.csv")
     data.add_argument("--rsna-dir", type=Path, help="folder of RSNA ID_<hex>.dcm files")
     data.add_argument("--cq500-reads", type=Path, help="CQ500 reads.csv")
@@ -218,6 +223,8 @@ def build_sources(
             raise DatasetError("training seeds overlap the validation or test seeds")
 
         def load_phantom(seed: int) -> LabelledVolume:
+            if np.random.default_rng([seed, 7]).random() < args.qa_negatives:
+                return qa_negative(seed, n_slices=args.phantom_slices, matrix=args.phantom_matrix)
             return phantom_case(seed, n_slices=args.phantom_slices, matrix=args.phantom_matrix)
 
         stream = CaseStream(list(train_seeds), load_phantom, args.seed)
@@ -256,6 +263,54 @@ def build_sources(
 
     stream = CaseStream(train_refs, load_real, args.seed)
     return stream, lambda: iter_loaded(dataset, val_refs), mode
+
+
+def qa_negative(seed: int, *, n_slices: int, matrix: int) -> LabelledVolume:
+    """A negative case shaped like a head QA phantom: the phantom's scalp and skull
+    around air, water or fat, holding cylinders and boxes of plastic (-200 to
+    400 HU, the range of acrylic, nylon, polyethylene and bone-like inserts).
+
+    Teaches the network that bright objects inside a skull are not blood by
+    themselves; no real QA phantom data is used.
+    """
+    from inference import phantom
+    from inference.datasets import LabelledVolume, phantom_volume
+
+    case = phantom.generate_case(seed, n_slices=n_slices, matrix=matrix, subtypes=())
+    assert case.tissue is not None
+    rng = np.random.default_rng([seed, 11])
+    hu = case.hu.copy()
+    inside = ~np.isin(case.tissue, [phantom.AIR, phantom.SCALP, phantom.BONE, phantom.SOFT])
+    fill = float(rng.choice([-1000.0, 0.0, -100.0], p=[0.5, 0.3, 0.2]))
+    noise = case.noise_sd * rng.standard_normal(hu.shape).astype(np.float32)
+    hu[inside] = fill + noise[inside]
+    zz, yy, xx = np.nonzero(inside)
+    if len(zz):
+        py, px = case.spacing[1], case.spacing[2]
+        rows, cols = np.mgrid[0 : hu.shape[1], 0 : hu.shape[2]]
+        for _ in range(int(rng.integers(1, 7))):
+            i = int(rng.integers(len(zz)))
+            cy, cx = yy[i], xx[i]
+            size = float(rng.uniform(3.0, 25.0)) / py  # half-size in pixels
+            if rng.random() < 0.6:
+                shape = (rows - cy) ** 2 + (cols - cx) ** 2 <= size**2
+            else:
+                shape = (np.abs(rows - cy) <= size) & (np.abs(cols - cx) <= size * px / py)
+            k0 = int(rng.integers(0, hu.shape[0]))
+            k1 = min(hu.shape[0], k0 + int(rng.integers(1, hu.shape[0] + 1)))
+            value = float(rng.uniform(-200.0, 400.0))
+            for k in range(k0, k1):
+                m = shape & inside[k]
+                hu[k][m] = value + noise[k][m]
+    key = f"qa{seed}"
+    z = hu.shape[0]
+    return LabelledVolume(
+        key=key,
+        volume=phantom_volume(hu, case.spacing, key),
+        series_labels=np.zeros(len(CLASSES), dtype=bool),
+        slice_labels=np.zeros((z, len(CLASSES)), dtype=bool),
+        masks=np.zeros((len(SUBTYPES), *hu.shape), dtype=bool),
+    )
 
 
 # --- sampling and augmentation ------------------------------------------------

@@ -83,3 +83,22 @@ def test_prepare_volume_resamples_and_stacks() -> None:
     assert float(x[0, 6].mean()) == pytest.approx(0.75)
     single = prepare_volume(hu[0], 128)
     assert single.shape == (1, input_channels(), 128, 128)
+
+
+def test_batchnorm_folding_keeps_the_outputs() -> None:
+    from inference.model import fuse_batchnorm
+
+    torch.manual_seed(1)
+    model = HemorrhageNet(ModelConfig(base_width=4, input_size=32))
+    model.train()
+    with torch.no_grad():  # give the batch norms non-trivial running statistics
+        for _ in range(3):
+            model(torch.rand(4, 9, 32, 32) * 2)
+    model.eval()
+    x = torch.rand(2, 9, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+        fused = fuse_batchnorm(model)(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for key in ("cls", "seg", "features"):
+        assert torch.allclose(ref[key], fused[key], atol=1e-4), key

@@ -170,3 +170,29 @@ def test_cuda_matches_cpu(predictor: Predictor) -> None:
     gpu = Predictor(device="cuda").predict(volume)
     assert gpu.hemorrhage_present == cpu.hemorrhage_present
     assert gpu.hemorrhage_probability == pytest.approx(cpu.hemorrhage_probability, abs=0.02)
+
+
+def test_masks_equal_a_full_resolution_threshold_of_the_logits() -> None:
+    """Only maps with a pixel over the threshold are resized; the result must be the
+    same as resizing every map."""
+    import torch.nn.functional as F
+
+    from inference.model import HemorrhageNet, ModelConfig
+    from inference.predictor import make_checkpoint
+    from inference.windows import prepare_volume
+
+    torch.manual_seed(2)
+    model = HemorrhageNet(ModelConfig(base_width=4, input_size=32)).eval()
+    with torch.no_grad():
+        model.seg_head.bias.copy_(torch.tensor([0.0, -0.05, -0.5, -5.0, 0.02]))
+    ckpt = make_checkpoint(model, thresholds=dict.fromkeys(CLASSES, 0.5), version="t",
+                           training={})
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    hu = np.random.default_rng(0).normal(40, 30, (5, 70, 90)).astype(np.float32)
+    raw = predictor.run(hu, explain=False)
+    with torch.inference_mode():
+        seg = model(prepare_volume(hu, 32))["seg"]
+        full = F.interpolate(seg, size=(70, 90), mode="bilinear", align_corners=False) > 0
+    expected = full.numpy().transpose(1, 0, 2, 3)
+    assert expected.any() and not expected.all()
+    assert (raw.masks != expected).mean() < 1e-3  # float rounding at the threshold only

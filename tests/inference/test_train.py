@@ -147,3 +147,17 @@ def test_losses_and_schedule() -> None:
     assert lr_at(0, 1000, 1.0) == pytest.approx(0.01)
     assert lr_at(100, 1000, 1.0) == pytest.approx(1.0)
     assert lr_at(999, 1000, 1.0) < 0.05
+
+
+def test_qa_negatives_keep_the_skull_and_carry_no_blood() -> None:
+    from inference.phantom import generate_case
+    from inference.train import qa_negative
+
+    item = qa_negative(3, n_slices=6, matrix=64)
+    source = generate_case(3, n_slices=6, matrix=64, subtypes=())
+    assert item.masks is not None and not item.masks.any()
+    assert not item.series_labels.any()
+    assert item.slice_labels is not None and not item.slice_labels.any()
+    bone = source.tissue == 2  # BONE
+    assert np.array_equal(item.volume.hu[bone], source.hu[bone])
+    assert not np.array_equal(item.volume.hu, source.hu)
