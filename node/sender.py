@@ -185,31 +185,42 @@ class DestinationLink:
 
 
 def _store(link: DestinationLink, path: Path) -> tuple[bool, str]:
-    """Send one file; return (acknowledged, error text)."""
+    """Send one file; return (acknowledged, error text).
+
+    When a kept-open association turns out to be gone (the peer closed it
+    while idle), the object is sent once more on a fresh association before
+    the try counts as failed.
+    """
     try:
         meta = dcmread(path, stop_before_pixels=True)
     except (OSError, ValueError) as exc:
         return False, f"cannot read result file {path}: {exc}"
     sop_class_uid = str(meta.SOPClassUID)
     transfer_syntax = str(meta.file_meta.TransferSyntaxUID)
-    assoc = link.open(sop_class_uid, transfer_syntax)
-    if assoc is None:
-        return False, "association not established or context rejected"
-    link.last_used = time.monotonic()
-    try:
-        status = assoc.send_c_store(path)
-    except (OSError, ValueError, RuntimeError) as exc:
-        link.drop()
-        return False, f"C-STORE failed: {exc}"
-    if "Status" not in status:
-        # pynetdicom: an empty Dataset is a timeout, an abort or an invalid response.
-        link.drop()
-        return False, "no C-STORE response (timeout or abort)"
-    code = int(status.Status)
-    if code in ACKNOWLEDGED:
-        return True, ""
-    comment = status.get("ErrorComment", "")
-    return False, f"C-STORE status 0x{code:04X}{' ' + str(comment) if comment else ''}"
+    for reused in (link.assoc is not None and link.assoc.is_established, False):
+        assoc = link.open(sop_class_uid, transfer_syntax)
+        if assoc is None:
+            return False, "association not established or context rejected"
+        link.last_used = time.monotonic()
+        try:
+            status = assoc.send_c_store(path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            link.drop()
+            error = f"C-STORE failed: {exc}"
+        else:
+            if "Status" in status:
+                code = int(status.Status)
+                if code in ACKNOWLEDGED:
+                    return True, ""
+                comment = status.get("ErrorComment", "")
+                return False, f"C-STORE status 0x{code:04X}{' ' + str(comment) if comment else ''}"
+            # pynetdicom: an empty Dataset is a timeout, an abort or an invalid response.
+            link.drop()
+            error = "no C-STORE response (timeout or abort)"
+        if not reused:
+            break
+        logger.info("association to %s was gone; trying a new one", link.destination.name)
+    return False, error
 
 
 class Sender:

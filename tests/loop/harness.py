@@ -161,6 +161,11 @@ class NodeRunner:
             self._index.dispose()
             self._index = None
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of every worker that reported ready in the log."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [int(pid) for pid in re.findall(r"worker \S+:(\d+) ready", text)]
+
     def log_tail(self, lines: int = 40) -> str:
         """The end of the node's log, for failure messages."""
         if not self.log_path.exists():
@@ -258,3 +263,12 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process with ``pid`` exists (and is not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

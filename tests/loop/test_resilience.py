@@ -16,7 +16,7 @@ from tests.loop.conftest import (
     send_to_node,
     upload,
 )
-from tests.loop.harness import Destination, NodeRunner, wait_for
+from tests.loop.harness import Destination, NodeRunner, pid_alive, wait_for
 from tests.orthanc import Orthanc
 
 pytestmark = pytest.mark.interop
@@ -82,7 +82,10 @@ def test_pacs_outage_then_everything_arrives_once(tmp_path: Path) -> None:
             _exactly_one_set(orthanc, node, study)
             # nothing more goes out later
             count = orthanc.instance_count()
-            assert node.stop() == 0
+            workers = node.worker_pids()
+            assert workers
+            assert node.stop() == 0  # SIGTERM: a clean stop
+            assert not any(pid_alive(pid) for pid in workers)
             assert orthanc.instance_count() == count
         finally:
             orthanc.stop()
@@ -112,7 +115,10 @@ def test_sigkill_during_a_job_then_exactly_one_set(tmp_path: Path) -> None:
             return bool(jobs) and jobs[0].state.value == "running"
 
         wait_for("the job to run", running, 120, interval=0.05)
+        workers = node.worker_pids()
         node.kill()
+        # the workers die with the node (no orphan finishing the job behind our back)
+        wait_for("workers to die with the node", lambda: not any(map(pid_alive, workers)), 10)
         (job,) = node.jobs(study.series_instance_uid)
         assert job.state.value == "running", "the job finished before the kill; nothing proven"
         assert node.results(study.series_instance_uid) == []

@@ -254,3 +254,23 @@ def test_superseded_result_is_not_sent(tmp_path: Path, peer: Peer) -> None:
     assert sender.send_once().dead == [delivery_id]
     assert peer.received == []
     sender.stop()
+
+
+def test_association_closed_by_peer_is_reopened(tmp_path: Path, peer: Peer) -> None:
+    index = new_index(tmp_path)
+    first, second = _outbox(index, tmp_path, ["pacs"], count=2)
+    with index.session() as session:  # only the first is due now
+        session.query(Delivery).filter(Delivery.id == second).update(
+            {Delivery.next_attempt_at: dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)}
+        )
+    peer.start()
+    sender = _sender(index, peer.port)
+    assert sender.send_once().sent == [first]
+    assert sender.links["pacs"].assoc is not None
+    peer.stop()  # the PACS restarts: the kept-open association is gone
+    peer.start()
+    time.sleep(1.0)
+    assert sender.send_once().sent == [second]
+    assert _rows(index)[second].attempts == 1
+    sender.stop()
+    assert len(peer.received) == 2
