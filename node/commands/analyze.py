@@ -173,6 +173,8 @@ def analyze(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``ichnode analyze``; returns the exit code."""
     real_stdout = sys.stdout
+    # highdicom logs every module it copies at INFO; keep progress lines readable
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.root.level))
     try:
         # Nothing but the JSON document may reach stdout: whatever a library
         # prints while we work goes to stderr.
