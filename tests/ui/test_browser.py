@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 
 from tests.interop import REPO, free_port, missing, require_tool
-from tests.ui.conftest import NodeData
+from tests.ui.conftest import NodeData, make_series
 from ui.render import SUBTYPE_COLOURS
 
 pytestmark = pytest.mark.interop
@@ -195,5 +197,46 @@ def test_worklist_to_viewer_in_chromium(
             page.get_by_text("Metadata").first.scroll_into_view_if_needed()
             page.get_by_role("tab", name="Summary").wait_for()
             _assert_no_streamlit_error(page)
+        finally:
+            browser.close()
+
+
+def test_upload_with_gradcam_in_chromium(ui_server: str, tmp_path: Path) -> None:
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("Python playwright is not installed (pip install -e '.[test]')")
+        return
+    phantom = make_series(tmp_path / "series", 51, ("intraparenchymal",), patient_id="UPLOAD")
+    bundle = tmp_path / "head.zip"
+    with zipfile.ZipFile(bundle, "w") as archive:
+        for path in phantom.paths:
+            archive.write(path, f"head/{path.name}")
+    shots = _screenshot_folder(tmp_path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(ui_server, wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Worklist").wait_for()
+            page.locator('[data-testid="stSidebar"]').get_by_text("Upload").click()
+            page.get_by_role("heading", name="Upload", exact=True).wait_for()
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(bundle)
+            verdict = page.locator('[data-testid="stAlert"]').filter(
+                has_text=re.compile("hemorrhage found", re.IGNORECASE)
+            )
+            verdict.first.wait_for(timeout=180_000)
+            _assert_no_streamlit_error(page)
+            page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+            page.locator('[data-testid="stCheckbox"]').filter(has_text="Grad-CAM").click()
+            page.get_by_text("· Grad-CAM", exact=False).first.wait_for()
+            _assert_no_streamlit_error(page)
+            rendered = page.locator('[data-testid="stImage"] img').first.screenshot()
+            warm = _colour_pixels(rendered, (255, 128, 0)) + _colour_pixels(rendered, (255, 0, 0))
+            assert warm > 0, "no Grad-CAM colour in the rendered slice"
+            page.get_by_role("heading", name="Upload", exact=True).scroll_into_view_if_needed()
+            _save(page.screenshot(full_page=False), shots / "upload.png")
         finally:
             browser.close()
