@@ -56,6 +56,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -67,24 +68,31 @@ from storage.models import AssociationOutcome, utcnow
 
 logger = logging.getLogger(__name__)
 
-#: Transfer syntaxes accepted for every storage SOP class, preferred first.
+#: Transfer syntaxes accepted for every storage SOP class, in the node's order
+#: of preference: pynetdicom accepts, for each proposed presentation context,
+#: the first of these the requestor proposed. Compressed syntaxes come first
+#: because a sender that proposes one holds the data in it (storescu -R, a PACS
+#: forwarding what it stored), and the node keeps instances exactly as they
+#: were; choosing Explicit VR Little Endian would make the sender decompress
+#: (DCMTK's storescu cannot, for RLE) and change the bytes. Lossless before
+#: lossy; Implicit VR Little Endian, the default every peer supports, last.
 TRANSFER_SYNTAXES: list[str] = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLossless,
     JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
-    HTJ2K,
     RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
 ]
 
 # What pydicom raises for a stream it cannot parse (truncated, bad lengths, bad
@@ -404,7 +412,21 @@ class StorageSCP:
         self._finish(event.assoc, AssociationOutcome.ABORTED)
 
     def _handle_conn_close(self, event: evt.Event) -> None:
-        self._finish(event.assoc, AssociationOutcome.CLOSED)
+        # The socket may close before the reactor has seen the A-ABORT or
+        # A-RELEASE that preceded it; look at what is waiting in the DUL.
+        assoc = event.assoc
+        outcome = AssociationOutcome.CLOSED
+        if assoc.is_aborted:
+            outcome = AssociationOutcome.ABORTED
+        elif assoc.is_released:
+            outcome = AssociationOutcome.RELEASED
+        else:
+            pending = assoc.dul.peek_next_pdu()
+            if isinstance(pending, A_ABORT | A_P_ABORT):
+                outcome = AssociationOutcome.ABORTED
+            elif isinstance(pending, A_RELEASE):
+                outcome = AssociationOutcome.RELEASED
+        self._finish(assoc, outcome)
 
     def _handle_dimse_sent(self, event: evt.Event) -> None:
         if type(event.message).__name__ != "C_STORE_RSP":
