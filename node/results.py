@@ -21,6 +21,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -166,7 +167,7 @@ def _clean_time(value: object) -> str:
     return text
 
 
-def _positive_floats(value: object, count: int) -> list[float] | None:
+def _finite_floats(value: object, count: int) -> list[float] | None:
     try:
         numbers = [float(v) for v in value]  # type: ignore[attr-defined]
     except (TypeError, ValueError):
@@ -216,16 +217,18 @@ def sanitized_header(ds: Dataset) -> Dataset:
         out.FrameOfReferenceUID = str(ds.FrameOfReferenceUID).strip()
     out.Rows = int(ds.get("Rows", 0) or 0)
     out.Columns = int(ds.get("Columns", 0) or 0)
-    spacing = _positive_floats(ds.get("PixelSpacing"), 2)
+    if out.Rows < 1 or out.Columns < 1:
+        raise ResultsError("source image lacks Rows/Columns")
+    spacing = _finite_floats(ds.get("PixelSpacing"), 2)
     if spacing is not None and min(spacing) > 0:
         out.PixelSpacing = spacing
-    orientation = _positive_floats(ds.get("ImageOrientationPatient"), 6)
+    orientation = _finite_floats(ds.get("ImageOrientationPatient"), 6)
     if orientation is not None:
         out.ImageOrientationPatient = orientation
-    position = _positive_floats(ds.get("ImagePositionPatient"), 3)
+    position = _finite_floats(ds.get("ImagePositionPatient"), 3)
     if position is not None:
         out.ImagePositionPatient = position
-    thickness = _positive_floats([_first(ds.get("SliceThickness", ""))], 1)
+    thickness = _finite_floats([_first(ds.get("SliceThickness", ""))], 1)
     if thickness is not None and thickness[0] > 0:
         out.SliceThickness = thickness[0]
     return out
@@ -383,7 +386,7 @@ def build_segmentation(
 # ----------------------------------------------------------------------------
 
 
-def _presence(present: bool) -> hd.sr.CodedConcept | object:
+def _presence(present: bool) -> Code:
     return codes.SCT.Present if present else codes.SCT.Absent
 
 
@@ -443,14 +446,14 @@ def build_report(
     evaluations = [
         hd.sr.QualitativeEvaluation(
             name=codes.SCT.IntracranialHemorrhage,
-            value=_presence(findings.hemorrhage_present),  # type: ignore[arg-type]
+            value=_presence(findings.hemorrhage_present),
         )
     ]
     for name in SUBTYPES:
         evaluations.append(
             hd.sr.QualitativeEvaluation(
                 name=SUBTYPE_CODES[name],
-                value=_presence(findings.subtypes[name].present),  # type: ignore[arg-type]
+                value=_presence(findings.subtypes[name].present),
             )
         )
     groups: list[
