@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from inference.findings import CLASSES
 from inference.volume import load_volume, read_series
-from tests.interop import REPO
+from tests.interop import REAL_5MM, REAL_TILT, REPO, require_real_data
 from tests.ui.conftest import NodeData, make_series, write_config
 
 APP = str(REPO / "ui" / "app.py")
@@ -336,3 +336,33 @@ def test_missing_index_and_bad_config_are_one_line(
     at = _app(monkeypatch, bad)
     assert at.error[0].value.startswith("ichnode cannot start the interface: invalid configuration")
     assert "node.port" in at.error[0].value
+
+
+def test_upload_of_real_scanner_files_and_a_single_slice(
+    monkeypatch: pytest.MonkeyPatch, tiny_weights: Path, tmp_path: Path
+) -> None:
+    require_real_data()
+    config = write_config(tmp_path, weights=str(tiny_weights))
+    files = sorted(p for p in REAL_5MM.iterdir() if p.is_file())
+    at = _app(monkeypatch, config)
+    at.sidebar.radio[0].set_value("Upload")
+    _run(at)
+    at.get("file_uploader")[0].set_value(
+        [(p.name, p.read_bytes(), "application/dicom") for p in files]
+    )
+    _run(at)
+    assert at.slider(key="upload-0-slice").max == 27
+    summary = {r["field"]: r["value"] for r in at.dataframe[1].value.to_dict("records")}
+    assert summary["Manufacturer"] == "Philips" and summary["Model"] == "Ingenuity CT"
+    assert summary["Slice thickness"] == "5 mm" and summary["Image size"] == "512 × 512"
+    assert summary["Series description"] == "STD BRAIN 5MM"
+    assert summary["Kernel"] != ""
+
+    # one slice alone is analysed in 2D: no slider, no curve, still a verdict and an image
+    single = min(p for p in REAL_TILT.iterdir() if p.is_file())
+    at.get("file_uploader")[0].set_value((single.name, single.read_bytes(), "application/dicom"))
+    _run(at)
+    assert not [s for s in at.slider if s.key == "upload-0-slice"]
+    assert _image_caption(at).startswith("slice 0 of 0")
+    assert at.error or at.success
+    assert not at.get("plotly_chart")
