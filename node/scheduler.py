@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -276,14 +276,12 @@ class Scheduler:
         routing: RoutingSettings,
         jobs: JobSettings,
         poll_seconds: float = 0.1,
-        on_tick: Callable[[], object] | None = None,
     ) -> None:
         self.index = index
         self.quiet_seconds = quiet_seconds
         self.routing = routing
         self.jobs = jobs
         self.poll_seconds = poll_seconds
-        self.on_tick = on_tick
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -360,6 +358,8 @@ class Scheduler:
                 ).all()
             ]
         digest = content_hash(rows)
+        # Read a header outside the write transaction (it may touch the disk).
+        reason = self._route(rows, series_id)
         with self.index.session() as session:
             series = session.get(Series, series_id)
             if series is None:
@@ -377,7 +377,6 @@ class Scheduler:
                 return True
             series.content_hash = digest
             self._supersede_queued(session, series_id, now)
-            reason = self._route(rows, series)
             if reason is not None:
                 series.status = SeriesStatus.SKIPPED
                 series.reason = reason
@@ -414,7 +413,7 @@ class Scheduler:
             .execution_options(synchronize_session=False)
         )
 
-    def _route(self, rows: Sequence[tuple[str, str, int]], series: Series) -> str | None:
+    def _route(self, rows: Sequence[tuple[str, str, int]], series_id: int) -> str | None:
         if not rows:
             return "no instances"
         ds = None
@@ -423,9 +422,7 @@ class Scheduler:
                 ds = dcmread(Path(row[1]), stop_before_pixels=True)
                 break
             except (OSError, InvalidDicomError, ValueError) as exc:
-                logger.warning(
-                    "series %s: cannot read %s: %s", series.series_instance_uid, row[1], exc
-                )
+                logger.warning("series %s: cannot read %s: %s", series_id, row[1], exc)
         if ds is None:
             return "no readable instance in the archive"
         return skip_reason(ds, len(rows), self.routing)
@@ -450,8 +447,6 @@ class Scheduler:
                     stale_check = 0.0
                     with self.index.session() as session:
                         requeue_orphans(session, self.jobs)
-                if self.on_tick is not None:
-                    self.on_tick()
             except (SQLAlchemyError, OSError) as exc:
                 logger.warning("scheduler pass failed (%s); retrying", exc)
             self._wake.wait(self.poll_seconds)
