@@ -53,7 +53,7 @@ def write_ct_slice(
     ds.SOPInstanceUID = sop
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
-    ds.FrameOfReferenceUID = study + ".1"
+    ds.FrameOfReferenceUID = generate_uid()
     ds.Modality = "CT"
     ds.PatientID = "PHANTOM"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -121,6 +121,7 @@ def make_rsna(root: Path) -> tuple[Path, Path, list[np.ndarray]]:
 
 
 def make_cq500(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     reads = root / "reads.csv"
     # scan 0: two readers say subdural -> positive; scan 1: one reader only -> negative
     votes = {
