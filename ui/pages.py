@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,12 @@ def get_predictor(weights: str, device: str) -> Any:
     return Predictor(weights or None, device=device)
 
 
+@st.cache_resource(show_spinner=False)
+def model_lock() -> threading.Lock:
+    """One model run at a time in this process: sessions queue instead of sharing the CPUs."""
+    return threading.Lock()
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
 def _finding(path: str, mtime: float) -> StoredFinding | None:
     return read_finding(Path(path))
@@ -106,7 +113,8 @@ def _explanation(
     if _data.volume is None:
         raise ValueError("the source volume of this series is not loaded")
     predictor = get_predictor(weights, device)
-    findings = predictor.predict(_data.volume, explain=True)
+    with model_lock():
+        findings = predictor.predict(_data.volume, explain=True)
     probabilities = slice_probability_array(findings.slices, list(_data.sop_instance_uids))
     gradcam = np.asarray(findings.gradcam, dtype=np.float32)
     return gradcam, probabilities
@@ -309,9 +317,10 @@ def upload_page(settings: Settings) -> None:
             return
         with st.spinner("Analysing…"), tempfile.TemporaryDirectory(prefix="ichnode-upload-") as tmp:
             try:
-                series, problems = analyse_upload(
-                    ((f.name, f.getvalue()) for f in files), Path(tmp), predictor
-                )
+                with model_lock():
+                    series, problems = analyse_upload(
+                        ((f.name, f.getvalue()) for f in files), Path(tmp), predictor
+                    )
             except UploadError as exc:
                 st.error(f"Nothing to analyse: {exc}")
                 return

@@ -10,6 +10,7 @@ missing, and fails then under ``ICHNODE_REQUIRE_INTEROP=1``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -26,8 +27,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from config import load_settings
+from storage.archive import Archive
+from storage.index import Index
 from tests.interop import REPO, free_port, missing, require_tool
-from tests.ui.conftest import NodeData, make_series
+from tests.ui.conftest import NodeData, make_series, store, write_config
 from ui.render import SUBTYPE_COLOURS
 
 pytestmark = pytest.mark.interop
@@ -53,22 +57,13 @@ def _chromium() -> str:
     return require_tool("chromium")
 
 
-@pytest.fixture
-def ui_server(node_data: NodeData) -> Iterator[str]:
-    """``ichnode ui`` on a free loopback port, stopped with SIGTERM afterwards."""
+@contextlib.contextmanager
+def serve(config: Path) -> Iterator[str]:
+    """``ichnode ui --config config`` on a free loopback port, stopped with SIGTERM afterwards."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "ICHNODE_UI_CONFIG"}
     child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "node.cli",
-            "ui",
-            "--config",
-            str(node_data.config_path),
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "node.cli", "ui", "--config", str(config), "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -99,6 +94,13 @@ def ui_server(node_data: NodeData) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+@pytest.fixture
+def ui_server(node_data: NodeData) -> Iterator[str]:
+    """The interface over the node index with the analysed studies."""
+    with serve(node_data.config_path) as url:
+        yield url
 
 
 def _screenshot_folder(tmp_path: Path) -> Path:
@@ -240,3 +242,42 @@ def test_upload_with_gradcam_in_chromium(ui_server: str, tmp_path: Path) -> None
             _save(page.screenshot(full_page=False), shots / "upload.png")
         finally:
             browser.close()
+
+
+def test_worklist_refreshes_itself(tmp_path: Path) -> None:
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("Python playwright is not installed (pip install -e '.[test]')")
+        return
+    config = write_config(tmp_path)
+    settings = load_settings(config)
+    archive = Archive(settings.storage.root)
+    index = Index(settings.storage.effective_database_url, sqlite_synchronous="NORMAL")
+    index.upgrade()
+    first = make_series(tmp_path / "a", 61, (), patient_id="FIRST", study_date="20260101")
+    later = make_series(tmp_path / "b", 62, (), patient_id="LATER", study_date="20260102")
+    store(archive, index, first.paths[:2])
+    try:
+        with serve(config) as url, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": 1000})
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(url, wait_until="domcontentloaded")
+                page.get_by_text("1 of 1 series", exact=False).wait_for()
+                store(archive, index, later.paths[:3])  # the node receives a new series
+                # no reload: the worklist fragment picks it up on its own
+                page.get_by_text("2 of 2 series", exact=False).wait_for(timeout=30_000)
+                # the selection is kept; the new series is among the choices, listed first
+                page.get_by_role("combobox", name="Series").click()
+                options = page.get_by_role("option")
+                options.first.wait_for()
+                assert options.first.inner_text().startswith("LATER · 2026-01-02")
+                assert options.nth(1).inner_text().startswith("FIRST · 2026-01-01")
+                _assert_no_streamlit_error(page)
+            finally:
+                browser.close()
+    finally:
+        index.dispose()
