@@ -388,18 +388,30 @@ def _die_with_parent() -> None:
 
 
 def _warm_up(predictor: Predictor) -> None:
-    """Run the model once on a tiny volume and import the encoders, so the first job is fast."""
-    import numpy as np
+    """Run one small synthetic series through the whole job path before reporting ready.
 
-    import node.results  # noqa: F401  (highdicom and its code tables load here, not in a job)
+    Loading, the network at the usual 512x512 matrix, Grad-CAM and the SEG/SR/SC
+    encoders all have first-call costs (lazy imports, allocator warm-up) that
+    would otherwise land on the first real study.
+    """
+    import tempfile
+
+    from inference.phantom import generate_case, write_series
+    from inference.volume import SeriesSkipped, load_volume
+    from node.results import ResultsError, encode_results
 
     started = time.perf_counter()
     try:
-        predictor.run(np.zeros((3, 64, 64), dtype=np.float32), explain=True)
-    except (RuntimeError, ValueError) as exc:
-        logger.warning("model warm-up failed (%s); the first job will be slower", exc)
+        with tempfile.TemporaryDirectory(prefix="ichnode-warmup-") as tmp:
+            case = generate_case(0, n_slices=3, matrix=512, subtypes=("intraparenchymal",))
+            files = write_series(case, Path(tmp))
+            volume = load_volume([dcmread(f) for f in files])
+            findings = predictor.predict(volume, explain=True)
+            encode_results(findings, volume.datasets, hu=volume.hu)
+    except (SeriesSkipped, ResultsError, RuntimeError, ValueError, OSError) as exc:
+        logger.warning("warm-up failed (%s); the first job will be slower", exc)
         return
-    logger.debug("model warm-up took %.2f s", time.perf_counter() - started)
+    logger.info("warm-up took %.1f s", time.perf_counter() - started)
 
 
 def worker_main(
