@@ -15,8 +15,9 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import streamlit as st
@@ -39,6 +40,9 @@ from ui.worklist import (
     result_files,
     table,
 )
+
+if TYPE_CHECKING:
+    from inference.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def get_index(settings: Settings) -> Index:
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def get_predictor(weights: str, device: str) -> Any:
+def get_predictor(weights: str, device: str) -> Predictor:
     """The predictor, loaded once per (weights, device) for every session."""
     from inference.predictor import Predictor
 
@@ -85,7 +89,7 @@ def _finding(path: str, mtime: float) -> StoredFinding | None:
     return read_finding(Path(path))
 
 
-def finding_for(settings: Settings) -> Any:
+def finding_for(settings: Settings) -> Callable[[str], StoredFinding | None]:
     """A reader of stored SR findings, cached by file path and modification time."""
 
     def read(path: str) -> StoredFinding | None:
@@ -136,7 +140,6 @@ def _settings_or_stop() -> Settings:
     except ConfigError as exc:
         st.error(f"ichnode cannot start the interface: {exc}")
         st.stop()
-        raise  # unreachable: st.stop() ends the run
 
 
 def main() -> None:

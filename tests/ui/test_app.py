@@ -8,6 +8,7 @@ a fresh app session.
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -246,6 +247,25 @@ def test_viewer_recomputes_gradcam_with_the_model(
     at.checkbox(key="node-gradcam").check()
     _run(at)
     assert _image_caption(at).endswith("· Grad-CAM")
+
+    # the curve marks the slice on screen, and follows the slider
+    def marked_slice() -> float:
+        spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+        (line,) = [shape for shape in spec["layout"]["shapes"] if shape["x0"] == shape["x1"]]
+        return float(line["x0"])
+
+    assert marked_slice() == at.slider(key="node-slice").value
+    at.slider(key="node-slice").set_value(7)
+    _run(at)
+    assert marked_slice() == 7.0
+
+    # the 3D view: head surface plus one trace per segmented subtype
+    at.toggle(key="node-3d").set_value(True)
+    _run(at)
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    traces = json.loads(charts[1].proto.spec)["data"]
+    assert [t["name"] for t in traces] == ["head", "intraparenchymal", "subdural"]
 
 
 @pytest.fixture(scope="module")
