@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from inference.findings import CLASSES
+from inference.findings import CLASSES, SUBTYPES
 from inference.volume import load_volume, read_series
 from tests.interop import REAL_5MM, REAL_TILT, REPO, require_real_data
 from tests.ui.conftest import NodeData, make_series, write_config
@@ -86,18 +86,7 @@ def test_worklist_volumes_match_the_stored_report(
     case = node_data.positive.case
     voxel_ml = float(np.prod(case.spacing)) / 1000.0
     for name, text in volumes.items():
-        expected = (
-            case.labels[
-                (
-                    "intraparenchymal",
-                    "intraventricular",
-                    "subarachnoid",
-                    "subdural",
-                    "epidural",
-                ).index(name)
-            ].sum()
-            * voxel_ml
-        )
+        expected = case.labels[SUBTYPES.index(name)].sum() * voxel_ml
         assert float(text) == pytest.approx(expected, abs=0.051)
 
 
