@@ -470,6 +470,7 @@ class StorageSCP:
         aid, calling = state.association_id, state.calling_ae
         extra = {"association_id": aid, "calling_ae": calling}
         affected_uid = str(request.AffectedSOPInstanceUID or "")
+        logger.debug("assoc %d: storing %s", aid, affected_uid, extra=extra)
 
         if archive.free_bytes() < self.min_free_bytes:
             logger.warning(

@@ -2,7 +2,8 @@
 
 :class:`NodeService` makes the :class:`storage.index.Index` (engine and
 sessionmaker) and :class:`storage.archive.Archive` once, upgrades the schema,
-and starts its components in order (the SCP first), stopping them in reverse.
+and starts its components in order (the SCP first). On stop the SCP goes first,
+so nothing new arrives while the others (in reverse order) finish their work.
 
 Adding a component (scheduler, workers, sender)
 -----------------------------------------------
@@ -128,7 +129,11 @@ class NodeService:
             logger.debug("started %s", component.name)
 
     def stop(self) -> None:
-        """Stop the started components in reverse order and close the index."""
+        """Stop the SCP first (no new instances), then the other components in reverse order."""
+        if self.scp in self._started:
+            self._started.remove(self.scp)
+            self.scp.stop()
+            logger.debug("stopped %s", self.scp.name)
         while self._started:
             component = self._started.pop()
             component.stop()
