@@ -201,12 +201,12 @@ def _worklist_table(
         )
         return
     st.dataframe(
-        table(shown),
+        _styled(table(shown)),
         hide_index=True,
         width="stretch",
         column_config={
             "status": st.column_config.TextColumn(width="medium"),
-            "finding": st.column_config.TextColumn(width="large"),
+            "finding": st.column_config.TextColumn(width="medium"),
             "delivery": st.column_config.TextColumn(width="medium"),
             "series UID": st.column_config.TextColumn(width="small"),
         },
@@ -236,6 +236,23 @@ def _open_chosen() -> None:
     choice = st.session_state.get("open-choice")
     if choice:
         _open_series(str(choice))
+
+
+def _styled(rows: list[dict[str, object]]) -> Any:
+    """The worklist as a pandas Styler: findings in red, failures in amber."""
+    import pandas as pd
+
+    def colour(value: object) -> str:
+        text = str(value)
+        if text.startswith("hemorrhage"):
+            return "color: #ff6b6b; font-weight: 600"
+        if text.startswith("failed"):
+            return "color: #ffb020"
+        return ""
+
+    frame = pd.DataFrame(rows)
+    columns = [c for c in ("finding", "status") if c in frame.columns]
+    return frame.style.map(colour, subset=columns)
 
 
 # -- viewer --------------------------------------------------------------------
