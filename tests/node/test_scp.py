@@ -16,7 +16,19 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -322,3 +334,40 @@ def test_other_missing_uids(tmp_path: Path, keyword: str, raw_sends: None) -> No
         assert _store(assoc, bad) == 0xA900
         assoc.release()
         assert r.index.count_instances() == 0
+
+
+_SYNTAXES = [
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    JPEGLSLossless,
+]
+
+
+@pytest.mark.parametrize("transfer_syntax", _SYNTAXES, ids=[str(t.keyword) for t in _SYNTAXES])
+def test_transfer_syntaxes_are_kept_as_received(tmp_path: Path, transfer_syntax: UID) -> None:
+    ds = small_ct(size=64)
+    if transfer_syntax.is_compressed:
+        ds.compress(transfer_syntax, **({"j2k_cr": [20]} if transfer_syntax == JPEG2000 else {}))
+    else:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax  # pynetdicom encodes it so
+    ae = AE("TSSCU")
+    ae.add_requested_context(CTImageStorage, [transfer_syntax])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    with running_scp(tmp_path) as r:
+        assoc = ae.associate("127.0.0.1", r.port, ae_title="ICHNODE")
+        assert assoc.is_established
+        assert _store(assoc, ds) == 0x0000
+        assoc.release()
+        row = r.index.instance(ds.SOPInstanceUID)
+    assert row is not None and row["transfer_syntax_uid"] == transfer_syntax
+    back = dcmread(row["path"])
+    assert back.file_meta.TransferSyntaxUID == transfer_syntax
+    assert back.SOPInstanceUID == ds.SOPInstanceUID
+    assert back.pixel_array.shape == (64, 64)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # kept deflated, as received: the plain encoding does not appear in the file
+        assert dataset_bytes(small_ct(size=64))[:8] not in Path(row["path"]).read_bytes()[300:]
