@@ -356,7 +356,7 @@ def upload_page(settings: Settings) -> None:
     if problems:
         with st.expander(f"{len(problems)} file(s) not used", expanded=not series):
             for problem in problems[:200]:
-                st.write(f"**{problem.name}**: {problem.reason}")
+                st.text(f"{problem.name}: {problem.reason}")
     analysed: list[UploadedSeries] = [s for s in series if s.data is not None]
     for skipped in (s for s in series if s.data is None):
         st.warning(
