@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -118,6 +120,7 @@ def run(n_series: int, workdir: Path) -> dict[str, Any]:
         device=None,
     )
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     try:
         node.start()
         for i, (series_uid, files) in enumerate(studies):
@@ -153,6 +156,8 @@ def run(n_series: int, workdir: Path) -> dict[str, Any]:
     def stage(name: str, a: str, b: str) -> list[float]:
         return [(r[b] - r[a]).total_seconds() for r in rows]
 
+    load_after = os.getloadavg()
+    weights = re.search(r"loaded (\S+ \S+) on (\w+)", node.log_path.read_text())
     latencies = [r["latency_s"] for r in rows]
     breakdown = {
         "ready_wait_s": stage("ready", "received_at", "queued_at"),
@@ -170,6 +175,9 @@ def run(n_series: int, workdir: Path) -> dict[str, Any]:
         "slices": SLICES,
         "matrix": MATRIX,
         "settings": "defaults (series_quiet_seconds 5, 1 worker, cpu, release grace 1 s)",
+        "model": weights.group(1) if weights else "",
+        "device": weights.group(2) if weights else "",
+        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "latency_s": {
             "median": statistics.median(latencies),
             "p95": _percentile(latencies, 0.95),
@@ -192,7 +200,10 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines = [
         "## Latency: last instance to the SR acknowledged by the PACS",
         "",
-        f"Machine: {m['nproc']} CPU(s), {m['cpu']}; {m['date']}; Python {m['python']}.",
+        f"Machine: {m['nproc']} CPU(s), {m['cpu']}; {m['date']}; Python {m['python']}; "
+        f"load average {doc['load_average_1min']['before']:.1f} before, "
+        f"{doc['load_average_1min']['after']:.1f} after (the CPUs are shared); "
+        f"model {doc['model']} on {doc['device']}.",
         (
             f"`python -m bench.latency`: {doc['series']} studies, one at a time, each a "
             f"{doc['slices']}-slice {doc['matrix']}x{doc['matrix']} phantom CT series sent with "
