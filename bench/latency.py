@@ -200,10 +200,12 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines = [
         "## Latency: last instance to the SR acknowledged by the PACS",
         "",
-        f"Machine: {m['nproc']} CPU(s), {m['cpu']}; {m['date']}; Python {m['python']}; "
-        f"load average {doc['load_average_1min']['before']:.1f} before, "
-        f"{doc['load_average_1min']['after']:.1f} after (the CPUs are shared); "
-        f"model {doc['model']} on {doc['device']}.",
+        (
+            f"Machine: {m['nproc']} CPU(s), {m['cpu']}; {m['date']}; Python {m['python']}; "
+            f"load average {doc['load_average_1min']['before']:.1f} before, "
+            f"{doc['load_average_1min']['after']:.1f} after (the CPUs are shared); "
+            f"model {doc['model']} on {doc['device']}."
+        ),
         (
             f"`python -m bench.latency`: {doc['series']} studies, one at a time, each a "
             f"{doc['slices']}-slice {doc['matrix']}x{doc['matrix']} phantom CT series sent with "
