@@ -248,7 +248,16 @@ class MetricsComponent:
     def start(self) -> None:
         """Serve the endpoint (when enabled) and observe stage timings."""
         if self.enabled:
-            self.metrics.start(self.host, self.port)
+            try:
+                self.metrics.start(self.host, self.port)
+            except OSError as exc:
+                # Metrics are for the operator; the node's work must not stop for them.
+                logger.error(
+                    "metrics endpoint not started on %s:%d (%s); the node runs without it",
+                    self.host,
+                    self.port,
+                    exc,
+                )
         self._thread = threading.Thread(target=self._loop, name="ichnode-metrics", daemon=True)
         self._thread.start()
 
