@@ -113,3 +113,23 @@ def test_counters_gauges_and_stage_histograms(tmp_path: Path) -> None:
         assert all(stage(n, "count") == 1 for n in ("inference", "delivery", "time_to_result"))
     finally:
         metrics.stop()
+
+
+def test_metrics_port_in_use_does_not_stop_the_node(tmp_path: Path) -> None:
+    import socket
+
+    from node.metrics import MetricsComponent
+
+    index = new_index(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        component = MetricsComponent(NodeMetrics(index), "127.0.0.1", port, enabled=True)
+        component.start()  # logs an error, does not raise
+        assert component.metrics.port is None
+        component.stop()
+    disabled = MetricsComponent(NodeMetrics(index), "127.0.0.1", 0, enabled=True)
+    disabled.start()
+    assert disabled.metrics.port is None
+    disabled.stop()
