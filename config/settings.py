@@ -137,7 +137,11 @@ class JobSettings(_Section):
 
 
 class DeliverySettings(_Section):
-    """The outbox: exponential backoff between tries, then ``dead`` after ``max_age_hours``."""
+    """The outbox: exponential backoff between tries, then ``dead`` after ``max_age_hours``.
+
+    ``return_to_sender``: results go only to the destination(s) whose AE title
+    sent the series; to every destination when the sender is none of them.
+    """
 
     backoff_initial_seconds: float = Field(5.0, gt=0)
     backoff_max_seconds: float = Field(900.0, gt=0)
