@@ -34,12 +34,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.association import Association
-from sqlalchemy import or_, select
+from sqlalchemy import case, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import DeliverySettings, DestinationSettings
 from storage.index import Index
-from storage.models import Delivery, DeliveryState, Result
+from storage.models import Delivery, DeliveryState, Result, ResultKind
 
 if TYPE_CHECKING:
     from node.service import NodeService
@@ -62,6 +62,8 @@ _RESULT_SOP_CLASSES = (
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
 )
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+_KIND_ORDER = case((Result.kind == ResultKind.SR, 0), (Result.kind == ResultKind.SEG, 1), else_=2)
 
 # An idle association is released after this many seconds.
 IDLE_RELEASE_SECONDS = 10.0
@@ -268,7 +270,8 @@ class Sender:
                     Delivery.state == DeliveryState.PENDING,
                     or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
                 )
-                .order_by(Delivery.id)
+                # Oldest job first; within a job the SR (the finding) before SEG and key images.
+                .order_by(Result.job_id, _KIND_ORDER, Delivery.id)
                 .limit(limit)
             ).all()
         return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
