@@ -429,9 +429,14 @@ class Scheduler:
 
     # -- thread ------------------------------------------------------------
     def recover(self) -> list[int]:
-        """At start-up: every running job belongs to a previous, dead, node process."""
+        """At start-up: queue again the jobs whose worker died with an earlier node process.
+
+        A worker of this host is gone when its pid is (workers die with the node,
+        see :mod:`node.worker`); a job of another host waits for its heartbeat to
+        go stale, so a second node on the same index never loses its jobs.
+        """
         with self.index.session() as session:
-            return requeue_orphans(session, self.jobs, all_running=True)
+            return requeue_orphans(session, self.jobs)
 
     def wake(self) -> None:
         """Look at the index now (e.g. after an association was released)."""
