@@ -6,7 +6,9 @@ Run: ``.venv/bin/python -m bench.ingest [--runs N] [--instances N]``. Writes the
 ``ingest`` section of ``docs/BENCHMARKS.md`` and ``bench/results/ingest.json``.
 Each run starts the receiver fresh on an empty storage folder, so nothing is a
 re-send; only the ``storescu`` processes are timed (from their start to the
-last one's exit).
+last one's exit). ichnode runs as ``NodeService`` (what ``ichnode serve`` runs)
+with the SCP alone: the scheduler and workers would start analysing the
+series while it is still being measured.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def ichnode_peer(work: Path, synchronous: str) -> Iterator[tuple[str, int]]:
         f'sqlite_synchronous = "{synchronous}"\n'
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "bench.ingest", "--serve-receiver-only", str(cfg)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=(work / "ichnode.log").open("wb"),
@@ -59,7 +61,11 @@ def ichnode_peer(work: Path, synchronous: str) -> Iterator[tuple[str, int]]:
         yield "ICHNODE", port
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
 
 
 @contextmanager
@@ -251,7 +257,8 @@ def report(result: dict[str, object]) -> str:
         (
             f"Series: {result['instances']} CT instances 512x512 int16 ({result['series_mb']} MB), "
             f"{result['runs']} runs per peer and mode, median shown. Peers: ichnode "
-            f"(file fsync + SQLite commit per instance, synchronous={result['ichnode_sqlite_synchronous']}), "
+            f"(receiver only: file fsync + SQLite commit per instance, "
+            f"synchronous={result['ichnode_sqlite_synchronous']}), "
             "DCMTK storescp --fork +B (no fsync), Orthanc defaults (SyncStorageArea on). "
             "`python -m bench.ingest` reproduces it."
         ),
@@ -268,14 +275,36 @@ def report(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def serve_receiver_only(config: str) -> int:
+    """Run the node's receiving side alone (SCP, archive, index) until SIGTERM.
+
+    The same code as ``ichnode serve`` (``NodeService``), without the
+    scheduler and workers, so analysing the received series does not compete
+    with the ingest being measured.
+    """
+    import logging
+
+    from config.settings import load_settings
+    from node.scp import configure_pydicom
+    from node.service import NodeService
+
+    logging.basicConfig(level=logging.WARNING)
+    configure_pydicom()
+    NodeService(load_settings(config), factories=[]).run_until_stopped()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=8)
-    parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
+    parser.add_argument("--synchronous", default="NORMAL", choices=["FULL", "NORMAL"])
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--serve-receiver-only", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_receiver_only:
+        return serve_receiver_only(args.serve_receiver_only)
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             print(f"bench.ingest: {tool} not found (apt-get install dcmtk)", file=sys.stderr)

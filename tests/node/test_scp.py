@@ -58,9 +58,9 @@ def _raw_file(tmp_path: Path, sop_instance_uid: str, body: bytes) -> Path:
     """A Part 10 file whose meta names ``sop_instance_uid`` and whose dataset is ``body``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.7433.1.1"
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.9.7433.1.1")
     path = tmp_path / f"{generate_uid()}.dcm"
     path.write_bytes(PREAMBLE + encode_file_meta(meta) + body)
     return path
@@ -351,7 +351,10 @@ _SYNTAXES = [
 def test_transfer_syntaxes_are_kept_as_received(tmp_path: Path, transfer_syntax: UID) -> None:
     ds = small_ct(size=64)
     if transfer_syntax.is_compressed:
-        ds.compress(transfer_syntax, **({"j2k_cr": [20]} if transfer_syntax == JPEG2000 else {}))
+        if transfer_syntax == JPEG2000:
+            ds.compress(transfer_syntax, j2k_cr=[20])  # lossy
+        else:
+            ds.compress(transfer_syntax)
     else:
         ds.file_meta.TransferSyntaxUID = transfer_syntax  # pynetdicom encodes it so
     ae = AE("TSSCU")

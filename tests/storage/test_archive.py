@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from storage.archive import Archive, ArchiveError, UnsafeUIDError
 from tests.storage.helpers import dataset_bytes, small_ct
@@ -16,9 +16,9 @@ from tests.storage.helpers import dataset_bytes, small_ct
 def _meta(sop_instance_uid: str, source_ae: str = "SCU") -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.7433.1.1"
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.9.7433.1.1")
     meta.SourceApplicationEntityTitle = source_ae
     return meta
 
