@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -195,6 +196,9 @@ def run_benchmark(runs: int, instances: int, parallel: int, synchronous: str) ->
                     else:
                         ctx = orthanc_peer(work)
                     with ctx as (ae_title, port):
+                        # Flush what earlier runs left dirty (storescp does not
+                        # fsync), so no peer pays for another's writeback.
+                        os.sync()
                         seconds = send(files, ae_title, port, n_assoc)
                         time.sleep(0.5)  # let the last write land before counting
                         stored = count_stored(peer, work)
@@ -260,6 +264,7 @@ def report(result: dict[str, object]) -> str:
             f"(receiver only: file fsync + SQLite commit per instance, "
             f"synchronous={result['ichnode_sqlite_synchronous']}), "
             "DCMTK storescp --fork +B (no fsync), Orthanc defaults (SyncStorageArea on). "
+            "The page cache is flushed (sync) before each timed run. "
             "`python -m bench.ingest` reproduces it."
         ),
         "",

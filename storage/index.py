@@ -315,7 +315,9 @@ class Index:
         self._read_engine = self.engine.execution_options(ichnode_begin="DEFERRED")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
-        self._write_lock = threading.Lock()
+        # Re-entrant, so a nested write session fails with SQLite's busy timeout
+        # (a clear error) instead of hanging on this lock.
+        self._write_lock = threading.RLock()
         # series_instance_uid -> (series id, study id) of committed rows; saves
         # a SELECT per instance on the C-STORE path.
         self._series_cache: dict[str, tuple[int, int]] = {}
