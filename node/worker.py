@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 
 from config.settings import Settings
 from node.scheduler import ClaimedJob, claim_job, utcnow, worker_id
@@ -190,7 +190,12 @@ class JobRunner:
         now = utcnow()
         with self.index.session(readonly=True) as session:
             waiting = session.execute(
-                select(Job.id).where(Job.state == JobState.QUEUED).limit(1)
+                select(Job.id)
+                .where(
+                    Job.state == JobState.QUEUED,
+                    or_(Job.not_before.is_(None), Job.not_before <= now),
+                )
+                .limit(1)
             ).first()
         if waiting is None:
             return None
@@ -217,9 +222,9 @@ class JobRunner:
             except JobAbandoned as exc:
                 logger.warning("job %s abandoned: %s", job.id, exc)
                 return JobOutcome(job.id, "abandoned", [], str(exc))
-            except (
-                Exception
-            ) as exc:  # any failure of model/encoder/IO is recorded on the job and retried
+            except Exception as exc:
+                # Any failure of the model, the encoders or the disk is recorded on the
+                # job (traceback in the log) and retried with backoff, then ``failed``.
                 logger.exception("job %s failed", job.id)
                 return self._finish_failed(job, f"{type(exc).__name__}: {exc}")
 
