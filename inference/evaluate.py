@@ -196,6 +196,7 @@ class EvalResults:
     thresholds: dict[str, float]
     dice: dict[str, list[float]] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)
+    per_series_slices: list[np.ndarray] = field(default_factory=list)
 
 
 def collect(
@@ -206,9 +207,13 @@ def collect(
     slice_labels, slice_probs = [], []
     dices: dict[str, list[float]] = {name: [] for name in SUBTYPES}
     keys = []
+    per_series: list[np.ndarray] = []
     for item in items:
         findings = predictor.predict(item.volume, explain=explain)
         keys.append(item.key)
+        per_series.append(
+            np.array([[s.probabilities[c] for c in CLASSES] for s in findings.slices])
+        )
         series_labels.append(np.asarray(item.series_labels, dtype=bool))
         series_probs.append(
             [findings.hemorrhage_probability]
@@ -244,6 +249,7 @@ def collect(
         thresholds=dict(predictor.thresholds),
         dice=dices,
         keys=keys,
+        per_series_slices=per_series,
     )
 
 

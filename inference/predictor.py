@@ -67,12 +67,28 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def series_probabilities(slice_probabilities: np.ndarray) -> dict[str, float]:
-    """Series-level probability of each class: the maximum over slices."""
+#: Ways to pool slice probabilities into a series probability: the maximum, or
+#: the mean of the k highest slices (``top2``, ``top3``), chosen on validation data.
+POOLINGS = ("max", "top2", "top3")
+
+
+def pool_slices(slice_probabilities: np.ndarray, pooling: str = "max") -> np.ndarray:
+    """(z, 6) slice probabilities to (6,) series probabilities."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
     if slice_probabilities.shape[0] == 0:
-        return dict.fromkeys(CLASSES, 0.0)
-    peak = slice_probabilities.max(axis=0)
-    return {name: float(peak[i]) for i, name in enumerate(CLASSES)}
+        return np.zeros(slice_probabilities.shape[1], dtype=np.float64)
+    if pooling == "max":
+        return np.asarray(slice_probabilities.max(axis=0), dtype=np.float64)
+    k = min(int(pooling[3:]), slice_probabilities.shape[0])
+    top = np.sort(slice_probabilities, axis=0)[-k:]
+    return np.asarray(top.mean(axis=0), dtype=np.float64)
+
+
+def series_probabilities(slice_probabilities: np.ndarray, pooling: str = "max") -> dict[str, float]:
+    """Series-level probability of each class from its slices (see :data:`POOLINGS`)."""
+    pooled = pool_slices(slice_probabilities, pooling)
+    return {name: float(pooled[i]) for i, name in enumerate(CLASSES)}
 
 
 def decide(probabilities: dict[str, float], thresholds: dict[str, float]) -> dict[str, bool]:
@@ -126,6 +142,7 @@ def make_checkpoint(
     version: str,
     training: dict[str, Any],
     mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    pooling: str = "max",
 ) -> dict[str, Any]:
     """The dict that is saved as a weights file."""
     missing = [name for name in CLASSES if name not in thresholds]
@@ -140,6 +157,7 @@ def make_checkpoint(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "thresholds": {name: float(thresholds[name]) for name in CLASSES},
         "mask_threshold": float(mask_threshold),
+        "pooling": pooling,
         "training": training,
     }
 
@@ -194,6 +212,9 @@ class Predictor:
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise WeightsError(f"weights do not match the ichnode network: {exc}") from exc
         self.mask_threshold = float(ckpt.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
+        self.pooling = str(ckpt.get("pooling", "max"))
+        if self.pooling not in POOLINGS:
+            raise WeightsError(f"weights ask for an unknown slice pooling {self.pooling!r}")
         self.model_name = str(ckpt.get("model_name", "ichnode-ich"))
         self.model_version = str(ckpt.get("version", ""))
         self.training: dict[str, Any] = dict(ckpt.get("training", {}))
@@ -281,7 +302,7 @@ class Predictor:
 
     def findings(self, volume: Volume, raw: RawPrediction) -> SeriesFindings:
         """Turn raw outputs into decisions, gated masks and volumes."""
-        probabilities = series_probabilities(raw.slice_probabilities)
+        probabilities = series_probabilities(raw.slice_probabilities, self.pooling)
         present = decide(probabilities, self.thresholds)
         masks = raw.masks.copy()
         voxel_ml = volume.voxel_volume_ml

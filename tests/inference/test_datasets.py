@@ -288,3 +288,27 @@ def test_train_rejects_missing_real_data_in_one_line(tmp_path: Path) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"ichnode train: CQ500 reads file {tmp_path / 'r.csv'} not found"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("source", ["rsna", "cq500"])
+def test_evaluate_runs_on_the_real_data_layouts(tmp_path: Path, source: str) -> None:
+    if source == "rsna":
+        csv_path, image_dir, _ = make_rsna(tmp_path / "data")
+        args = ["--data", "rsna", "--rsna-csv", str(csv_path), "--rsna-dir", str(image_dir)]
+        levels = ("series ", "slice ")
+    else:
+        reads = make_cq500(tmp_path / "data")
+        args = ["--data", "cq500", "--cq500-reads", str(reads), "--cq500-dir",
+                str(tmp_path / "data")]
+        levels = ("series ",)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "evaluate", *args, "--device", "cpu",
+         "--out", str(tmp_path / "eval")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 series" in proc.stdout
+    for level in levels:
+        assert level in proc.stdout
+    assert (tmp_path / "eval" / "roc_series.png").is_file()
+    assert ("slice " in proc.stdout) == (source == "rsna")

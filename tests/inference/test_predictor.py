@@ -16,7 +16,13 @@ from inference.datasets import phantom_case, phantom_volume
 from inference.evaluate import collect, compute_metrics, mean_dice
 from inference.findings import CLASSES, SUBTYPES
 from inference.phantom import generate_case
-from inference.predictor import Predictor, WeightsError, decide, series_probabilities
+from inference.predictor import (
+    Predictor,
+    WeightsError,
+    decide,
+    pool_slices,
+    series_probabilities,
+)
 from inference.train import TEST_SEEDS
 from tests.interop import REAL_5MM, REAL_TILT, require_real_data
 
@@ -127,6 +133,13 @@ def test_decisions_and_pooling() -> None:
     present = decide(series, dict.fromkeys(CLASSES, 0.5))
     assert present["subdural"] and present["any"]  # a subtype implies hemorrhage
     assert not present["intraparenchymal"]
+    three = np.array([[0.9] * 6, [0.1] * 6, [0.5] * 6])
+    assert pool_slices(three, "max") == pytest.approx([0.9] * 6)
+    assert pool_slices(three, "top2") == pytest.approx([0.7] * 6)
+    assert pool_slices(three, "top3") == pytest.approx([0.5] * 6)
+    assert pool_slices(three[:1], "top3") == pytest.approx([0.9] * 6)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool_slices(three, "mean")
 
 
 def test_bad_weights_and_devices_are_clear_errors(tmp_path: Path) -> None:
