@@ -122,11 +122,16 @@ def test_results_arrive_in_the_pacs(loop: Loop, phantoms: dict[str, Study], tmp_
                 assert all(any(p in label for p in present) for label in labels)
 
     # the negative study: its SR and nothing else
+    negative_row = node.series(negative.series_instance_uid)
+    assert negative_row is not None
+    called = _analyze_json(negative.files)["hemorrhage"]
+    assert called == {  # the node and `ichnode analyze` agree on the same series
+        "present": negative_row.hemorrhage,
+        "probability": pytest.approx(negative_row.hemorrhage_probability, abs=1e-3),
+    }
+    assert called["present"] is False, f"the model calls the negative phantom positive: {called}"
     found = result_series(loop.orthanc, negative.study_instance_uid)
     assert list(found) == ["SR"] and len(found["SR"]) == 1
-    assert _analyze_json(negative.files)["hemorrhage"]["present"] is False  # type: ignore[index]
-    negative_row = node.series(negative.series_instance_uid)
-    assert negative_row is not None and negative_row.hemorrhage is False
 
     # what the operator sees
     listing = {
@@ -243,5 +248,8 @@ def test_real_scanner_series_through_the_loop(loop: Loop) -> None:
 
     wait_for("the SR of the real series in Orthanc", delivered, 240)
     row = loop.node.series(series_uid)
-    assert row is not None and row.status.value == "done" and row.hemorrhage is False
+    assert row is not None and row.status.value == "done"
+    assert row.hemorrhage is False, (
+        f"the model calls the real QA phantom positive (p={row.hemorrhage_probability})"
+    )
     assert list(result_series(loop.orthanc, study_uid)) == ["SR"]
