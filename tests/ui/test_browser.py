@@ -219,7 +219,7 @@ def test_upload_with_gradcam_in_chromium(ui_server: str, tmp_path: Path) -> None
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page = browser.new_page(viewport={"width": 1500, "height": 1300})
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(ui_server, wait_until="domcontentloaded")
             page.get_by_role("heading", name="Worklist").wait_for()
@@ -238,7 +238,7 @@ def test_upload_with_gradcam_in_chromium(ui_server: str, tmp_path: Path) -> None
             rendered = page.locator('[data-testid="stImage"] img').first.screenshot()
             warm = _colour_pixels(rendered, (255, 128, 0)) + _colour_pixels(rendered, (255, 0, 0))
             assert warm > 0, "no Grad-CAM colour in the rendered slice"
-            page.get_by_role("heading", name="Upload", exact=True).scroll_into_view_if_needed()
+            verdict.first.evaluate("element => element.scrollIntoView({block: 'start'})")
             _save(page.screenshot(full_page=False), shots / "upload.png")
         finally:
             browser.close()
