@@ -45,6 +45,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TlsSettings(_Section):
+    """DICOM TLS on the receiver (the Basic TLS Secure Transport Connection profile).
+
+    ``cert_file``/``key_file``: the node's PEM certificate (chain) and key;
+    ``ca_file``: the CAs whose client certificates are trusted; with
+    ``verify_clients = true`` a peer without such a certificate fails the
+    handshake. ``min_version``: the oldest TLS version accepted.
+    """
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    verify_clients: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsSettings:
+        if not self.enabled:
+            return self
+        for key in ("cert_file", "key_file"):
+            if getattr(self, key) is None:
+                raise ValueError(f"{key} is required when TLS is enabled")
+        if self.verify_clients and self.ca_file is None:
+            raise ValueError("ca_file is required when verify_clients = true")
+        for key in ("cert_file", "key_file", "ca_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{key}: {path} does not exist or is not a file")
+        return self
+
+
 class NodeSettings(_Section):
     ae_title: str = "ICHNODE"
     host: str = "127.0.0.1"
@@ -53,6 +85,10 @@ class NodeSettings(_Section):
     accept_any_caller: bool = False
     max_associations: int = Field(16, ge=1, le=1024)
     shutdown_grace_seconds: float = Field(5.0, ge=0)
+    acse_timeout_seconds: float = Field(30.0, gt=0)
+    dimse_timeout_seconds: float = Field(60.0, gt=0)
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
 
@@ -169,8 +205,24 @@ class DestinationSettings(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> DestinationSettings:
+        if not self.tls:
+            return self
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{key}: {path} does not exist or is not a file")
+        return self
 
 
 class Settings(BaseSettings):

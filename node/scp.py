@@ -13,14 +13,28 @@ Statuses returned
 0x0000 stored and indexed; 0xA700 free disk under ``storage.min_free_disk_mb``,
 the file or index could not be written, or the node is shutting down; 0xA900
 a required UID is missing or the SOP Class UID disagrees with the request;
-0xC000 the dataset cannot be decoded, its SOP Instance UID differs from the
-request's Affected SOP Instance UID, or a UID cannot name a file.
+0xC000 the dataset cannot be decoded (an element or item runs past the end
+of the data, a VR is not two letters, native Pixel Data is shorter than Rows x
+Columns x samples x frames says, or the dataset carries File Meta Information),
+its SOP Instance UID differs from the request's Affected SOP Instance UID, or a
+UID cannot name a file.
+
+Hardening
+---------
+The listening server (:class:`GuardedAssociationServer`) sets the network
+timeout on every accepted socket, so a peer that stalls in the middle of a PDU
+is dropped after ``node.network_timeout_seconds``; with ``[node.tls]`` the TLS
+handshake runs in the connection's own thread under that timeout (a silent or
+failing client never holds the accept loop). A PDU whose declared length is
+over :data:`MAX_PDU_LENGTH` closes the connection before anything is buffered.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -32,6 +46,7 @@ from typing import Any, Protocol, cast
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import (
@@ -58,10 +73,11 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import NodeSettings, StorageSettings
+from node.tls import server_context
 from storage.archive import Archive, ArchiveError, UnsafeUIDError
 from storage.index import Index, InstanceMeta, MissingAttributeError
 from storage.models import AssociationOutcome, utcnow
@@ -95,18 +111,208 @@ TRANSFER_SYNTAXES: list[str] = [
     ImplicitVRLittleEndian,
 ]
 
+#: Maximum Length Received announced to peers: the largest P-DATA-TF PDU
+#: variable field a peer may send (PS3.8 D.1). Large enough for few reads per
+#: instance, small enough that a connection never makes the node buffer more.
+MAX_PDU_SIZE = 4 * 1024 * 1024
+#: A received PDU declaring a longer variable field than this is not read: the
+#: connection is closed (an A-ASSOCIATE-RQ is far smaller, a P-DATA-TF must
+#: respect MAX_PDU_SIZE).
+MAX_PDU_LENGTH = MAX_PDU_SIZE
+
 # What pydicom raises for a stream it cannot parse (truncated, bad lengths, bad
-# deflate data, undefined VRs).
+# deflate data, undefined VRs, unknown character sets, deep nesting).
 _DECODE_ERRORS = (
     ValueError,
     TypeError,
-    KeyError,
+    LookupError,
+    IndexError,
+    OverflowError,
+    RecursionError,
     EOFError,
     OSError,
     NotImplementedError,
+    InvalidDicomError,
     struct.error,
     zlib.error,
 )
+
+
+class MalformedDatasetError(ValueError):
+    """The received bytes are not a well-formed dataset in the context's transfer syntax."""
+
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+# Explicit VRs with a reserved 2 bytes and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_MAX_DEPTH = 32
+
+
+@dataclass
+class _Walk:
+    """Position-independent facts gathered while checking the structure."""
+
+    pixel_data_length: int | None = None
+    has_file_meta: bool = False
+
+
+def _walk_elements(
+    buf: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    endian: str,
+    depth: int,
+    walk: _Walk,
+    *,
+    in_item: bool = False,
+) -> int:
+    """Check the elements in ``buf[pos:end]``; return where they end.
+
+    With ``in_item`` and an undefined-length item, the elements end at an Item
+    Delimitation Item, which must be there.
+    """
+    if depth > _MAX_DEPTH:
+        raise MalformedDatasetError(f"sequences nested deeper than {_MAX_DEPTH}")
+    tag_fmt, len4, len2 = endian + "HH", endian + "L", endian + "H"
+    while pos < end:
+        if end - pos < 8:
+            raise MalformedDatasetError(f"{end - pos} stray bytes at offset {pos}")
+        group, element = struct.unpack_from(tag_fmt, buf, pos)
+        tag = (group << 16) | element
+        if tag == _ITEM_END and in_item:
+            return pos + 8
+        if group == 0xFFFE:
+            raise MalformedDatasetError(f"unexpected delimiter ({group:04X},{element:04X})")
+        if group == 0x0002 and depth == 0:
+            walk.has_file_meta = True
+        vr: bytes | None = None
+        if implicit:
+            (length,) = struct.unpack_from(len4, buf, pos + 4)
+            pos += 8
+        else:
+            vr = bytes(buf[pos + 4 : pos + 6])
+            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise MalformedDatasetError(
+                    f"({group:04X},{element:04X}) has no valid VR at offset {pos + 4}"
+                )
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    raise MalformedDatasetError(f"truncated element header at offset {pos}")
+                (length,) = struct.unpack_from(len4, buf, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from(len2, buf, pos + 6)
+                pos += 8
+        if length == _UNDEFINED:
+            if vr == b"UN":
+                # PS3.5 6.2.2: an undefined-length UN is an implicit VR LE sequence.
+                pos = _walk_items(buf, pos, end, True, "<", depth + 1, walk, fragments=False)
+            elif vr in (None, b"SQ"):
+                pos = _walk_items(buf, pos, end, implicit, endian, depth + 1, walk, fragments=False)
+            elif tag == _PIXEL_DATA and vr in (b"OB", b"OW"):
+                pos = _walk_items(buf, pos, end, implicit, endian, depth + 1, walk, fragments=True)
+            else:
+                raise MalformedDatasetError(f"({group:04X},{element:04X}) has an undefined length")
+            continue
+        if length > end - pos:
+            raise MalformedDatasetError(
+                f"({group:04X},{element:04X}) declares {length} bytes, {end - pos} remain"
+            )
+        if vr == b"SQ":
+            _walk_items(buf, pos, pos + length, implicit, endian, depth + 1, walk, fragments=False)
+        if tag == _PIXEL_DATA and depth == 0:
+            walk.pixel_data_length = length
+        pos += length
+    if in_item:
+        raise MalformedDatasetError("item without its delimitation item")
+    return pos
+
+
+def _walk_items(
+    buf: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    endian: str,
+    depth: int,
+    walk: _Walk,
+    *,
+    fragments: bool,
+) -> int:
+    """Check the items of a sequence (or encapsulated fragments); return where they end.
+
+    A defined-length sequence ends at ``end``; an undefined-length one at its
+    Sequence Delimitation Item, which must be there.
+    """
+    defined = not fragments and end != len(buf)
+    while True:
+        if defined and pos == end:
+            return pos
+        if end - pos < 8:
+            raise MalformedDatasetError("sequence runs past the end of the data")
+        group, element = struct.unpack_from(endian + "HH", buf, pos)
+        (length,) = struct.unpack_from(endian + "L", buf, pos + 4)
+        tag = (group << 16) | element
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise MalformedDatasetError(f"({group:04X},{element:04X}) where an item should be")
+        if length == _UNDEFINED:
+            if fragments:
+                raise MalformedDatasetError("a pixel data fragment has an undefined length")
+            pos = _walk_elements(buf, pos, end, implicit, endian, depth, walk, in_item=True)
+            continue
+        if length > end - pos:
+            raise MalformedDatasetError(f"an item declares {length} bytes, {end - pos} remain")
+        if not fragments:
+            _walk_elements(buf, pos, pos + length, implicit, endian, depth, walk)
+        pos += length
+
+
+def check_encoding(raw: bytes, transfer_syntax: str) -> _Walk:
+    """Check that ``raw`` is a well-formed dataset in ``transfer_syntax``.
+
+    Every element, item and fragment must fit in the bytes that arrived; every
+    explicit VR must be two upper-case letters. pydicom alone would read a
+    truncated value as a shorter one.
+
+    Raises
+    ------
+    MalformedDatasetError
+        Naming the first problem.
+    """
+    uid = UID(transfer_syntax)
+    if uid.is_deflated:
+        try:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            raw = inflater.decompress(raw, 1 << 31)
+        except zlib.error as exc:
+            raise MalformedDatasetError(f"deflated data cannot be inflated: {exc}") from None
+    buf = memoryview(raw)
+    walk = _Walk()
+    endian = "<" if uid.is_little_endian else ">"
+    # An undefined-length sequence at the top level may run to the last byte.
+    _walk_elements(buf, 0, len(buf), uid.is_implicit_VR, endian, 0, walk)
+    return walk
+
+
+def _expected_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of native Pixel Data the Image Pixel attributes call for."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise MalformedDatasetError(f"Pixel Data without usable image attributes ({exc})") from None
+    if min(rows, columns, samples, bits, frames) < 1:
+        raise MalformedDatasetError("Pixel Data with zero or negative image attributes")
+    return (rows * columns * samples * frames * bits + 7) // 8
+
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -194,6 +400,81 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+class _BoundedSocket(AssociationSocket):
+    """An acceptor socket that will not read a PDU longer than :data:`MAX_PDU_LENGTH`.
+
+    pynetdicom's DUL reads the 6-byte PDU header, then ``recv(length)``; a
+    lying length would make it buffer whatever the peer sends. Refusing that
+    read makes the DUL see a short PDU: it signals a closed transport
+    connection (Evt17) and the association ends as aborted.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` unless that is more than a PDU may hold."""
+        if nr_bytes > MAX_PDU_LENGTH:
+            logger.warning(
+                "peer %s declared a %d-byte PDU (limit %d): closing the connection",
+                self.assoc.requestor.address,
+                nr_bytes,
+                MAX_PDU_LENGTH,
+            )
+            return bytearray()
+        return super().recv(nr_bytes)
+
+
+class _GuardedRequestHandler(RequestHandler):
+    """Make each acceptor read through a :class:`_BoundedSocket`."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # The AssociationSocket made by pynetdicom has already queued the
+        # connection event (Evt5); a second one would be a protocol error, so
+        # the existing object becomes a _BoundedSocket (it adds no state).
+        assert type(assoc.dul.socket) is AssociationSocket
+        assoc.dul.socket.__class__ = _BoundedSocket
+        return assoc
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with timeouts on every accepted connection.
+
+    ``network_timeout`` applies to every blocking read and write of an
+    accepted socket (pynetdicom leaves them without one, so half a PDU would
+    block the connection's thread forever). The TLS handshake runs in the
+    connection's thread, not in the accept loop; a failed handshake is logged
+    and the connection closed.
+    """
+
+    network_timeout: float = 60.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; wrap it for TLS without handshaking yet."""
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        client_socket.settimeout(self.network_timeout)
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        """Handshake (TLS) in this connection's thread, then run the association."""
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", client_address, exc)
+                self.shutdown_request(request)
+                return
+            logger.debug("TLS %s with %s", request.version(), client_address)
+        super().process_request_thread(request, client_address)
+
+
 class StorageSCP:
     """The C-ECHO/C-STORE service of the node.
 
@@ -230,9 +511,12 @@ class StorageSCP:
         self.listeners = list(listeners)
         self.min_free_bytes = storage.min_free_disk_mb * 1024 * 1024
         self.shutdown_grace_s = shutdown_grace_s
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
         self._states: dict[int, _AssociationState] = {}
         self._states_lock = threading.Lock()
+        self._server_thread: threading.Thread | None = None
+        # Built now, so a certificate that does not load stops the start-up.
+        self.ssl_context = server_context(node.tls) if node.tls.enabled else None
         self.ae = self._make_ae()
 
     # -- set-up --------------------------------------------------------------
@@ -242,11 +526,11 @@ class StorageSCP:
         ae.maximum_associations = self.node.max_associations
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.node.allowed_calling_aets)
-        # Let peers send large PDUs: fewer, larger reads per instance.
-        ae.maximum_pdu_size = 0
-        ae.network_timeout = 60
-        ae.dimse_timeout = 60
-        ae.acse_timeout = 30
+        # Let peers send large PDUs (fewer reads per instance), but bounded.
+        ae.maximum_pdu_size = MAX_PDU_SIZE
+        ae.network_timeout = self.node.network_timeout_seconds
+        ae.dimse_timeout = self.node.dimse_timeout_seconds
+        ae.acse_timeout = self.node.acse_timeout_seconds
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
@@ -276,15 +560,32 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._handle_conn_close),
             (evt.EVT_DIMSE_SENT, self._handle_dimse_sent),
         ]
-        self._server = self.ae.start_server(
-            (self.node.host, self.node.port), block=False, evt_handlers=handlers
+        # ae.start_server(..., ssl_context=...) with our server class: the same
+        # threaded server, with per-connection timeouts and a PDU length bound.
+        server = cast(
+            GuardedAssociationServer,
+            self.ae.make_server(
+                (self.node.host, self.node.port),
+                ssl_context=self.ssl_context,
+                evt_handlers=handlers,
+                server_class=GuardedAssociationServer,
+                request_handler=_GuardedRequestHandler,
+            ),
         )
+        server.network_timeout = self.node.network_timeout_seconds
+        self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
+        self._server = server
+        self._server_thread = threading.Thread(
+            target=server.serve_forever, name="AcceptorServer@ichnode", daemon=True
+        )
+        self._server_thread.start()
         host, port = self.address
         logger.info(
-            "listening as %s on %s:%d (max %d associations, callers %s)",
+            "listening as %s on %s:%d%s (max %d associations, callers %s)",
             self.node.ae_title,
             host,
             port,
+            " with TLS" if self.ssl_context else "",
             self.node.max_associations,
             ", ".join(self.node.allowed_calling_aets) or "any",
         )
@@ -295,6 +596,9 @@ class StorageSCP:
             return
         self._server.shutdown()
         self._server = None
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=5)
+            self._server_thread = None
         deadline = time.monotonic() + self.shutdown_grace_s
         while self._acceptors() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -483,12 +787,26 @@ class StorageSCP:
 
         transfer_syntax = str(event.context.transfer_syntax)
         try:
+            walk = check_encoding(request.DataSet.getvalue(), transfer_syntax)  # type: ignore[union-attr]
+            if walk.has_file_meta:
+                raise MalformedDatasetError("the dataset carries File Meta Information (0002,xxxx)")
             ds = _read_header(event, transfer_syntax)
+            if walk.pixel_data_length is not None and not UID(transfer_syntax).is_compressed:
+                expected = _expected_pixel_bytes(ds)
+                if walk.pixel_data_length < expected:
+                    raise MalformedDatasetError(
+                        f"Pixel Data has {walk.pixel_data_length} bytes, the image needs {expected}"
+                    )
             meta = InstanceMeta.from_dataset(
                 ds,
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
                 transfer_syntax_uid=transfer_syntax,
             )
+        except MalformedDatasetError as exc:
+            logger.warning(
+                "assoc %d: refused %s: malformed dataset: %s", aid, affected_uid, exc, extra=extra
+            )
+            return _status(STATUS_CANNOT_UNDERSTAND, "malformed dataset")
         except MissingAttributeError as exc:
             logger.warning("assoc %d: refused %s: %s", aid, affected_uid, exc, extra=extra)
             return _status(STATUS_DATASET_MISMATCH, str(exc))

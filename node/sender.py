@@ -38,6 +38,7 @@ from sqlalchemy import case, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import DeliverySettings, DestinationSettings
+from node.tls import client_tls_args
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, Result, ResultKind
 
@@ -110,6 +111,8 @@ class DestinationLink:
         self.assoc: Association | None = None
         self.last_used = 0.0
         self._extra_contexts: set[tuple[str, str]] = set()
+        # DICOM TLS towards this destination (its files are checked here, at start-up).
+        self.tls_args = client_tls_args(destination)
 
     def _contexts(self) -> list[tuple[str, list[str]]]:
         wanted: dict[str, list[str]] = {
@@ -149,7 +152,9 @@ class DestinationLink:
         for abstract, syntaxes in self._contexts():
             ae.add_requested_context(abstract, syntaxes)
         dest = self.destination
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(
+            dest.host, dest.port, ae_title=dest.ae_title, tls_args=self.tls_args
+        )
         if not assoc.is_established:
             logger.warning(
                 "destination %s (%s@%s:%s): association not established",
