@@ -14,8 +14,9 @@ Statuses returned
 the file or index could not be written, or the node is shutting down; 0xA900
 a required UID is missing or the SOP Class UID disagrees with the request;
 0xC000 the dataset cannot be decoded (an element or item runs past the end
-of the data, a VR is not two letters, native Pixel Data is shorter than Rows x
-Columns x samples x frames says, or the dataset carries File Meta Information),
+of the data, a VR is not one of PS3.5, native Pixel Data is shorter than Rows x
+Columns x samples x frames says, an image header comes without Pixel Data, or
+the dataset carries File Meta Information),
 its SOP Instance UID differs from the request's Affected SOP Instance UID, or a
 UID cannot name a file.
 
@@ -145,8 +146,13 @@ class MalformedDatasetError(ValueError):
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})
 # Explicit VRs with a reserved 2 bytes and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+# Every VR of PS3.5 6.2.
+_VRS = _LONG_VRS | frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split()
+)
 _MAX_DEPTH = 32
 
 
@@ -155,6 +161,7 @@ class _Walk:
     """Position-independent facts gathered while checking the structure."""
 
     pixel_data_length: int | None = None
+    has_pixels: bool = False  # Pixel Data, Float or Double Float Pixel Data
     has_file_meta: bool = False
 
 
@@ -186,15 +193,16 @@ def _walk_elements(
             return pos + 8
         if group == 0xFFFE:
             raise MalformedDatasetError(f"unexpected delimiter ({group:04X},{element:04X})")
-        if group == 0x0002 and depth == 0:
-            walk.has_file_meta = True
+        if depth == 0:
+            walk.has_file_meta |= group == 0x0002
+            walk.has_pixels |= tag in _PIXEL_TAGS
         vr: bytes | None = None
         if implicit:
             (length,) = struct.unpack_from(len4, buf, pos + 4)
             pos += 8
         else:
             vr = bytes(buf[pos + 4 : pos + 6])
-            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            if vr not in _VRS:
                 raise MalformedDatasetError(
                     f"({group:04X},{element:04X}) has no valid VR at offset {pos + 4}"
                 )
@@ -277,7 +285,7 @@ def check_encoding(raw: bytes, transfer_syntax: str) -> _Walk:
     """Check that ``raw`` is a well-formed dataset in ``transfer_syntax``.
 
     Every element, item and fragment must fit in the bytes that arrived; every
-    explicit VR must be two upper-case letters. pydicom alone would read a
+    explicit VR must be one of PS3.5 6.2. pydicom alone would read a
     truncated value as a shorter one.
 
     Raises
@@ -791,6 +799,10 @@ class StorageSCP:
             if walk.has_file_meta:
                 raise MalformedDatasetError("the dataset carries File Meta Information (0002,xxxx)")
             ds = _read_header(event, transfer_syntax)
+            if not walk.has_pixels and all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+                raise MalformedDatasetError(
+                    "an image (Rows, Columns, Bits Allocated) without Pixel Data"
+                )
             if walk.pixel_data_length is not None and not UID(transfer_syntax).is_compressed:
                 expected = _expected_pixel_bytes(ds)
                 if walk.pixel_data_length < expected:

@@ -1,0 +1,1 @@
+"""Receiver hardening tests: TLS, limits and timeouts, hostile input, fuzz."""
