@@ -21,5 +21,9 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
+# The latency and soak benchmarks reuse the test harness (pytest, a real Orthanc):
+# after the README's first command the test extras are added here. Needs dcmtk
+# and orthanc on the PATH; takes a few minutes.
 bench: install
+	$(BIN)/python -c "import pytest" 2>/dev/null || $(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -m bench.run_all
