@@ -100,4 +100,5 @@ def test_sixteen_associations_of_two_hundred(tmp_path: Path) -> None:
         assert peak < PEAK_RSS_BOUND_MB, f"node peak RSS {peak:.0f} MB"
         assert node.process.poll() is None, "the node died under load"
     finally:
-        assert node.stop() == 0, node.log_tail()
+        code = node.stop()
+    assert code == 0, f"ichnode serve exited with {code}: {node.log_tail()}"

@@ -156,7 +156,8 @@ def test_loop_at_info_logs_no_phi(
                 "--device", "cpu", *weights_args()),
         ]
     finally:
-        assert node.stop() == 0, node.log_tail()
+        code = node.stop()
+    assert code == 0, f"ichnode serve exited with {code}: {node.log_tail()}"
     for proc in commands[:3]:
         assert proc.returncode == 0, proc.stderr[-2000:]
     # analyze exits 1 because the localizer is skipped; both series were logged at INFO.
