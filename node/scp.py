@@ -230,7 +230,17 @@ def _walk_elements(
                 f"({group:04X},{element:04X}) declares {length} bytes, {end - pos} remain"
             )
         if vr == b"SQ":
-            _walk_items(buf, pos, pos + length, implicit, endian, depth + 1, walk, fragments=False)
+            _walk_items(
+                buf,
+                pos,
+                pos + length,
+                implicit,
+                endian,
+                depth + 1,
+                walk,
+                fragments=False,
+                defined=True,
+            )
         if tag == _PIXEL_DATA and depth == 0:
             walk.pixel_data_length = length
         pos += length
@@ -249,13 +259,14 @@ def _walk_items(
     walk: _Walk,
     *,
     fragments: bool,
+    defined: bool = False,
 ) -> int:
     """Check the items of a sequence (or encapsulated fragments); return where they end.
 
-    A defined-length sequence ends at ``end``; an undefined-length one at its
-    Sequence Delimitation Item, which must be there.
+    A defined-length sequence (``defined``) ends at ``end``, also when it is the
+    last element of the dataset; an undefined-length one at its Sequence
+    Delimitation Item, which must be there.
     """
-    defined = not fragments and end != len(buf)
     while True:
         if defined and pos == end:
             return pos
