@@ -94,12 +94,17 @@ def series_probabilities(slice_probabilities: np.ndarray, pooling: str = "max") 
 def decide(probabilities: dict[str, float], thresholds: dict[str, float]) -> dict[str, bool]:
     """Series-level present/absent per class.
 
-    A subtype is present when its probability reaches its threshold; hemorrhage
-    (``any``) is present when its own probability reaches its threshold or any
-    subtype is present, so the answer is never "a subdural but no hemorrhage".
+    Hemorrhage (``any``) is the primary decision: present when its probability
+    reaches its threshold. A subtype is present when hemorrhage is present and
+    the subtype's probability reaches its own threshold, so the answer is never
+    "a subdural but no hemorrhage", and the weaker subtype heads cannot turn a
+    negative series positive.
     """
-    present = {name: probabilities[name] >= thresholds[name] for name in SUBTYPES}
-    present["any"] = probabilities["any"] >= thresholds["any"] or any(present.values())
+    any_present = probabilities["any"] >= thresholds["any"]
+    present = {
+        name: bool(any_present and probabilities[name] >= thresholds[name]) for name in SUBTYPES
+    }
+    present["any"] = bool(any_present)
     return present
 
 

@@ -131,8 +131,10 @@ def test_decisions_and_pooling() -> None:
     series = series_probabilities(probs)
     assert series["any"] == pytest.approx(0.3) and series["subdural"] == pytest.approx(0.9)
     present = decide(series, dict.fromkeys(CLASSES, 0.5))
-    assert present["subdural"] and present["any"]  # a subtype implies hemorrhage
-    assert not present["intraparenchymal"]
+    # hemorrhage is the primary decision: no subtype without it
+    assert not present["any"] and not present["subdural"]
+    present = decide(series, {**dict.fromkeys(CLASSES, 0.5), "any": 0.25})
+    assert present["any"] and present["subdural"] and not present["intraparenchymal"]
     three = np.array([[0.9] * 6, [0.1] * 6, [0.5] * 6])
     assert pool_slices(three, "max") == pytest.approx([0.9] * 6)
     assert pool_slices(three, "top2") == pytest.approx([0.7] * 6)
