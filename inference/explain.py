@@ -53,7 +53,7 @@ def gradcam_maps(model: HemorrhageNet, features: torch.Tensor) -> torch.Tensor:
 
 
 def normalise_to_source(maps: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-    """Series-normalise (z, h, w) raw maps to [0, 1] and resize them to ``shape``.
+    """Resize (z, h, w) raw maps to ``shape`` and normalise them over the series to [0, 1].
 
     Returns
     -------
@@ -64,13 +64,14 @@ def normalise_to_source(maps: torch.Tensor, shape: tuple[int, int]) -> np.ndarra
     import torch.nn.functional as F
 
     maps = maps.float().cpu()
-    peak = float(maps.max()) if maps.numel() else 0.0
-    if peak > 0.0:
-        maps = maps / peak
     out = torch.empty((maps.shape[0], *shape), dtype=torch.float32)
     for start in range(0, maps.shape[0], 16):
         chunk = maps[start : start + 16, None]
         out[start : start + 16] = F.interpolate(
             chunk, size=shape, mode="bilinear", align_corners=False
         )[:, 0]
+    out.clamp_(min=0.0)
+    peak = float(out.max()) if out.numel() else 0.0
+    if peak > 0.0:
+        out.div_(peak)
     return out.clamp_(0.0, 1.0).numpy()
