@@ -63,8 +63,11 @@ def loop(tmp_path_factory: pytest.TempPathFactory, phantoms: dict[str, Study]) -
 
 
 def _sr_delivered(loop: Loop, study: Study) -> bool:
+    """The SR is in Orthanc and every result object of the series was acknowledged."""
     found = result_series(loop.orthanc, study.study_instance_uid)
-    return bool(found.get("SR"))
+    results = {r.id for r in loop.node.results(study.series_instance_uid)}
+    states = {d.state.value for d in loop.node.deliveries() if d.result_id in results}
+    return bool(found.get("SR")) and states == {"sent"}
 
 
 def _analyze_json(paths: list[Path]) -> dict[str, object]:
