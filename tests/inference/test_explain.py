@@ -32,7 +32,7 @@ def predictor() -> Predictor:
     return Predictor(device="cpu")
 
 
-@pytest.mark.parametrize("subtype", ["intraparenchymal", "epidural"])
+@pytest.mark.parametrize("subtype", ["intraparenchymal", "intraventricular"])
 def test_gradcam_points_at_the_bleed(predictor: Predictor, subtype: str) -> None:
     case = generate_case(1000010, n_slices=12, matrix=256, subtypes=(subtype,),
                          slice_thickness=5.0)
