@@ -2,22 +2,18 @@
 
 Memory is read from ``/proc/<pid>/status`` (``VmRSS`` now, ``VmHWM`` the peak
 the kernel kept); :class:`RssSampler` samples a process in a thread while a test
-loads it. :func:`storescu` sends files with DCMTK; run as a module,
-``python -m tests.hardening.loadutil PORT CALLING COUNT [--size N] [--go FILE]``
-is a pynetdicom C-STORE SCU in its own process (like ``tests/storage/scu.py``,
-with a matrix size of choice) that prints one JSON line with every status.
+loads it. :func:`storescu` sends files with DCMTK; :func:`start_scu` starts the
+receiver tests' pynetdicom C-STORE SCU (``tests/storage/scu.py``) in its own
+process, which prints one JSON line with every status.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Self
 
@@ -93,50 +89,9 @@ def storescu(port: int, files: list[Path], *, calling: str = "SCANNER", called: 
 def start_scu(port: int, calling: str, count: int, *, size: int, go: Path) -> subprocess.Popen[str]:
     """Start this module as a C-STORE SCU process; it sends once ``go`` exists."""
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.hardening.loadutil", str(port), calling, str(count),
+        [sys.executable, "-m", "tests.storage.scu", str(port), calling, str(count),
          "--size", str(size), "--go", str(go)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
-def main() -> int:
-    """One association sending COUNT new CT slices of one series; print the statuses."""
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-    from pynetdicom import AE
-
-    from tests.storage.helpers import ct_series
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("port", type=int)
-    parser.add_argument("calling")
-    parser.add_argument("count", type=int)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--go", type=Path)
-    args = parser.parse_args()
-    series = ct_series(args.count, size=args.size)
-    ae = AE(args.calling)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
-    assoc = ae.associate("127.0.0.1", args.port, ae_title="ICHNODE")
-    if not assoc.is_established:
-        print(json.dumps({"error": "association not established"}))
-        return 1
-    if args.go is not None:
-        deadline = time.monotonic() + 120
-        while not args.go.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-    statuses = []
-    for ds in series:
-        rsp = assoc.send_c_store(ds)
-        statuses.append(int(rsp.Status) if "Status" in rsp else -1)
-    assoc.release()
-    print(json.dumps({
-        "series_instance_uid": str(series[0].SeriesInstanceUID),
-        "sop_instance_uids": [str(ds.SOPInstanceUID) for ds in series],
-        "statuses": statuses,
-    }))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
