@@ -28,7 +28,7 @@ from tests.interop import REAL_5MM, REAL_TILT, require_real_data
 
 REPO = Path(__file__).resolve().parents[2]
 #: A slice of the reserved test seeds, never used in training or validation.
-DICE_FLOOR = 0.3  # measured 0.4-0.45 on these seeds; the target is 0.75
+DICE_FLOOR = 0.5  # measured 0.65 on these seeds (weights s20261129.1600); the target is 0.75
 HELD_OUT = range(int(TEST_SEEDS.split(":")[0]) + 100, int(TEST_SEEDS.split(":")[0]) + 140)
 
 
@@ -111,11 +111,11 @@ def test_held_out_metrics(predictor: Predictor) -> None:
     items = (phantom_case(seed, n_slices=16) for seed in HELD_OUT)
     results = collect(predictor, items)
     metrics = compute_metrics(results)["series"]
-    assert metrics["any"].auc >= 0.9
-    assert metrics["any"].sensitivity >= 0.85
+    assert metrics["any"].auc >= 0.92  # measured 0.955
+    assert metrics["any"].sensitivity >= 0.9  # measured 0.952
     for name in ("intraparenchymal", "intraventricular"):
         if results.series_labels[:, CLASSES.index(name)].any():
-            assert metrics[name].auc >= 0.9, name
+            assert metrics[name].auc >= 0.95, name  # measured 1.0
     assert mean_dice(results.dice) >= DICE_FLOOR
 
 
