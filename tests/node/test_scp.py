@@ -195,6 +195,12 @@ def test_wrong_called_ae_is_rejected(tmp_path: Path) -> None:
         rj = assoc.acceptor.primitive
         assert rj is not None
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+        # The node writes the audit row after the A-ASSOCIATE-RJ is on the wire,
+        # so the peer can see the rejection first: wait for the row.
+        deadline = time.monotonic() + 10
+        while not r.index.associations():
+            assert time.monotonic() < deadline, "the rejection was not audited"
+            time.sleep(0.02)
         audit = r.index.associations()[0]
         assert audit["outcome"] == "rejected" and audit["called_ae"] == "SOMEONEELSE"
 
