@@ -613,15 +613,18 @@ class _Painter:
         dd = self.dd[sl]
         dist2 = (u - centre[0]) ** 2 + (v - centre[1]) ** 2 + (w - centre[2]) ** 2
         s2 = np.maximum(dist2 - dd**2, 0.0)
-        m = (dd >= 0) & (dd < thick * (1.0 - s2 / radius**2))
+        # Lentiform, with blunt edges at least a quarter of the centre's thickness:
+        # a sub-millimetre rim against the inner table is bone on the image, not blood.
+        lens = np.maximum(1.0 - s2 / radius**2, 0.25)
+        m = (dd >= 0) & (s2 < radius**2) & (dd < thick * lens)
         return self._commit("epidural", sl, m, self.blood_hu())
 
     def subdural(self, volume_ml: float) -> bool:
         rng = self.rng
         radius = float(rng.uniform(30.0, 70.0)) * self.an.scale
         thick = 1500.0 * volume_ml / (math.pi * radius**2)
-        if thick < 2.0 or thick > 18.0:
-            thick = float(np.clip(thick, 2.0, 18.0))
+        if thick < 4.0 or thick > 18.0:
+            thick = float(np.clip(thick, 4.0, 18.0))
             radius = math.sqrt(1500.0 * volume_ml / (math.pi * thick))
         side = 1.0 if rng.random() < 0.5 else -1.0
         phi = (0.0 if side > 0 else math.pi) + float(rng.uniform(-0.7, 0.7))
@@ -633,8 +636,10 @@ class _Painter:
         dd = self.dd[sl]
         dist2 = (u - centre[0]) ** 2 + (v - centre[1]) ** 2 + (w - centre[2]) ** 2
         s2 = np.maximum(dist2 - dd**2, 0.0)
-        profile = np.sqrt(np.maximum(1.0 - s2 / radius**2, 0.0))
-        m = (dd >= 0) & (dd < thick * profile) & (u * side > 1.5)  # never across the midline
+        # Crescent thinning towards its tips, but never under half its thickness
+        # (>= 2 mm): thinner blood against the inner table blurs into the bone.
+        profile = np.sqrt(np.maximum(1.0 - s2 / radius**2, 0.25))
+        m = (dd >= 0) & (s2 < radius**2) & (dd < thick * profile) & (u * side > 1.5)
         return self._commit("subdural", sl, m, float(rng.uniform(50.0, 80.0)))
 
     def intraparenchymal(self, volume_ml: float) -> bool:
