@@ -29,6 +29,7 @@ from config.settings import Settings
 from node.scp import StorageSCP
 from storage.archive import Archive
 from storage.index import Index
+from storage.recovery import reindex_unindexed
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class NodeService:
         if interrupted:
             logger.warning("%d associations were open when the node last stopped", interrupted)
         self.archive.cleanup_incoming()
+        reindex_unindexed(self.archive, self.index)
 
     def start(self) -> None:
         """Prepare, build the discovered components and start everything in order."""

@@ -15,10 +15,11 @@ Every connection gets ``journal_mode=WAL`` (readers never block the writer),
 ``foreign_keys=ON`` and ``synchronous`` from ``storage.sqlite_synchronous``.
 ichnode chooses ``NORMAL`` by default: in WAL mode a commit is written to the
 WAL before COMMIT returns, so a row whose C-STORE got success survives a crash
-or SIGKILL of the process (``tests/node/test_serve_durability.py`` kills the
+or SIGKILL of the process (``tests/node/test_serve.py`` kills the
 node right after a success and checks); only a power loss can drop the last
 commits (the WAL is fsynced at checkpoints, not at every commit). The archive
-file itself is always fsynced before the success. ``FULL`` fsyncs the WAL at
+file itself is always fsynced before the success, and the next start indexes
+files whose rows were lost that way (``storage/recovery.py``). ``FULL`` fsyncs the WAL at
 every commit as well (power-loss safe index); it costs one more fsync per
 instance, which serialises all associations behind the index lock (measured in
 ``bench/ingest.py``). The C-STORE path on SQLite uses plain DB-API statements
@@ -780,6 +781,29 @@ class Index:
         """Return how many instances the index holds."""
         with self.session(readonly=True) as session:
             return int(session.execute(select(func.count(Instance.id))).scalar_one())
+
+    def newest_received_at(self) -> dt.datetime | None:
+        """The latest receive or re-send time of any instance (UTC), or None when empty."""
+        with self.session(readonly=True) as session:
+            received = session.execute(select(func.max(Instance.received_at))).scalar_one()
+            resent = session.execute(select(func.max(Instance.last_resent_at))).scalar_one()
+        times = [t for t in (received, resent) if t is not None]
+        return max(times) if times else None
+
+    def known_sop_instance_uids(self, uids: list[str]) -> set[str]:
+        """Those of ``uids`` that have an instance row."""
+        known: set[str] = set()
+        with self.session(readonly=True) as session:
+            for start in range(0, len(uids), 500):
+                chunk = uids[start : start + 500]
+                known.update(
+                    session.execute(
+                        select(Instance.sop_instance_uid).where(
+                            Instance.sop_instance_uid.in_(chunk)
+                        )
+                    ).scalars()
+                )
+        return known
 
     def series_files(self, series_instance_uid: str) -> list[InstanceFile]:
         """Return the stored files of a series, by Instance Number then SOP Instance UID."""

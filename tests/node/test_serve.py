@@ -116,6 +116,37 @@ def test_sigkill_right_after_success_loses_nothing(tmp_path: Path) -> None:
     assert not list((tmp_path / "data").rglob(".incoming-*"))
 
 
+def test_restart_reindexes_acknowledged_files_whose_rows_were_lost(tmp_path: Path) -> None:
+    """A power loss can drop the last index commits (synchronous=NORMAL) while the
+    files, fsynced before the success status, survive: the next start indexes them."""
+    import sqlite3
+
+    node = Node(tmp_path)
+    node.start()
+    series = ct_series(6, size=32)
+    assoc = _associate(node.port)
+    for ds in series:
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+    assoc.release()
+    assert node.stop() == 0
+    lost = [ds.SOPInstanceUID for ds in series[2:]]
+    with sqlite3.connect(tmp_path / "data" / "index.sqlite") as db:
+        db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [(u,) for u in lost])
+    node.start()
+    assert node.stop() == 0
+    index = node.index()
+    try:
+        assert index.count_instances() == len(series)
+        for ds in series:
+            row = index.instance(ds.SOPInstanceUID)
+            assert row is not None
+            assert row["calling_ae"] == "DURABLE"
+            assert _dataset_part(Path(row["path"])) == dataset_bytes(ds)
+    finally:
+        index.dispose()
+    assert "re-indexed 4 instance(s) found on disk without an index row" in node.log.read_text()
+
+
 def _big_ct(size: int = 3000) -> Dataset:
     ds = small_ct(size=16)
     ds.Rows = ds.Columns = size
