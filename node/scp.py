@@ -465,6 +465,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """
 
     network_timeout: float = 60.0
+    #: Called with the peer address and the reason when a TLS handshake fails.
+    on_handshake_failed: Callable[[tuple[str, int], str], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; wrap it for TLS without handshaking yet."""
@@ -489,6 +491,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             except (ssl.SSLError, OSError) as exc:
                 logger.warning("TLS handshake with %s failed: %s", client_address, exc)
                 self.shutdown_request(request)
+                if self.on_handshake_failed is not None and isinstance(client_address, tuple):
+                    self.on_handshake_failed(client_address, str(exc) or type(exc).__name__)
                 return
             logger.debug("TLS %s with %s", request.version(), client_address)
         super().process_request_thread(request, client_address)
@@ -592,6 +596,7 @@ class StorageSCP:
             ),
         )
         server.network_timeout = self.node.network_timeout_seconds
+        server.on_handshake_failed = self._handle_tls_failure
         self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
         self._server = server
         self._server_thread = threading.Thread(
@@ -690,6 +695,18 @@ class StorageSCP:
             detail,
             extra={"association_id": association_id, "calling_ae": calling_ae},
         )
+
+    def _handle_tls_failure(self, address: tuple[str, int], reason: str) -> None:
+        """Audit a connection refused at the TLS handshake (no AE titles known yet)."""
+        try:
+            association_id = self.index.record_rejected_association(
+                "", self.node.ae_title, str(address[0]), int(address[1]),
+                f"TLS handshake failed: {reason}"[:255],
+            )
+        except SQLAlchemyError as exc:
+            logger.error("cannot audit the failed TLS handshake of %s: %s", address[0], exc)
+            return
+        logger.info("assoc %d: TLS handshake from %s failed", association_id, address[0])
 
     def _finish(self, assoc: Association, outcome: AssociationOutcome) -> None:
         with self._states_lock:

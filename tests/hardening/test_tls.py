@@ -134,6 +134,13 @@ def test_client_without_a_valid_certificate_is_refused(
         assert node.index.count_instances() == len(bystander.series)
         assert "INTRUDER" not in {r["calling_ae"] for r in node.index.associations()}
         assert echo_ok(node.port, tls_args=good)
+        # The refused handshake is in the association audit (no AE titles yet).
+        refused = [
+            r for r in node.index.associations()
+            if r["outcome"] == "rejected" and r["detail"].startswith("TLS handshake failed")
+        ]
+        assert len(refused) == 1, node.index.associations()
+        assert refused[0]["peer_address"] == "127.0.0.1" and refused[0]["calling_ae"] == ""
 
 
 def test_tls_1_1_client_is_refused(tmp_path: Path, tls_files: TlsFiles) -> None:
