@@ -28,7 +28,7 @@ from tests.interop import REAL_5MM, REAL_TILT, require_real_data
 
 REPO = Path(__file__).resolve().parents[2]
 #: A slice of the reserved test seeds, never used in training or validation.
-DICE_FLOOR = 0.5  # measured 0.65 on these seeds (weights s20261129.1600); the target is 0.75
+DICE_FLOOR = 0.65  # measured 0.749 on these seeds (weights s20261130.3400); the target is 0.75
 HELD_OUT = range(int(TEST_SEEDS.split(":")[0]) + 100, int(TEST_SEEDS.split(":")[0]) + 140)
 
 
@@ -104,18 +104,26 @@ def test_masks_follow_a_non_square_source_matrix(predictor: Predictor) -> None:
 def test_held_out_metrics(predictor: Predictor) -> None:
     """The bundled weights on 40 reserved test seeds (about one minute).
 
-    The bounds are what the bundled weights reach, with a margin; they are
-    BELOW the project targets (AUC any 0.98, subtypes 0.95, Dice 0.75), see
-    docs/MODEL_CARD.md. Raise them when better weights are bundled.
+    ``any``, intraparenchymal and intraventricular are held to the project
+    targets (AUC 0.98 / 0.95, sensitivity 0.95); subdural, epidural and the
+    Dice to what the bundled weights reach with a margin, BELOW the targets
+    (subtype AUC 0.95, Dice 0.75), see docs/MODEL_CARD.md. Subarachnoid (one
+    positive among these seeds) is not bounded here. Raise the bounds when
+    better weights are bundled.
     """
     items = (phantom_case(seed, n_slices=16) for seed in HELD_OUT)
     results = collect(predictor, items)
     metrics = compute_metrics(results)["series"]
-    assert metrics["any"].auc >= 0.92  # measured 0.955
-    assert metrics["any"].sensitivity >= 0.9  # measured 0.952
-    for name in ("intraparenchymal", "intraventricular"):
-        if results.series_labels[:, CLASSES.index(name)].any():
-            assert metrics[name].auc >= 0.95, name  # measured 1.0
+    assert metrics["any"].auc >= 0.98  # measured 1.0 (weights s20261130.3400)
+    assert metrics["any"].sensitivity >= 0.95  # measured 1.0
+    for name, floor in (
+        ("intraparenchymal", 0.95),  # measured 1.0
+        ("intraventricular", 0.95),  # measured 0.994
+        ("subdural", 0.85),  # measured 0.922
+        ("epidural", 0.85),  # measured 0.915
+    ):
+        assert results.series_labels[:, CLASSES.index(name)].any(), name
+        assert metrics[name].auc >= floor, name
     assert mean_dice(results.dice) >= DICE_FLOOR
 
 
