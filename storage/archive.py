@@ -220,6 +220,35 @@ class Archive:
             raise ArchiveError(f"{target} is not inside the archive {self.dicom_root}")
         target.unlink(missing_ok=True)
 
+    def files_changed_since(self, since: float) -> list[Path]:
+        """Instance files changed at or after ``since`` (epoch seconds), sorted.
+
+        Looks inside a series folder only when the folder itself changed since
+        then (renaming a file into it updates its mtime), so the cost follows
+        the recent series, not the size of the archive.
+        """
+        found: list[Path] = []
+        with os.scandir(self.dicom_root) as studies:
+            for study in studies:
+                if not study.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(study.path) as series_dirs:
+                    for series in series_dirs:
+                        if (
+                            not series.is_dir(follow_symlinks=False)
+                            or series.stat(follow_symlinks=False).st_mtime < since
+                        ):
+                            continue
+                        with os.scandir(series.path) as files:
+                            found.extend(
+                                Path(entry.path)
+                                for entry in files
+                                if entry.name.endswith(".dcm")
+                                and entry.is_file(follow_symlinks=False)
+                                and entry.stat(follow_symlinks=False).st_mtime >= since
+                            )
+        return sorted(found)
+
     def cleanup_incoming(self) -> int:
         """Remove temporary files left by a crash mid-write; return how many."""
         count = 0

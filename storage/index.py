@@ -785,8 +785,9 @@ class Index:
     def newest_received_at(self) -> dt.datetime | None:
         """The latest receive or re-send time of any instance (UTC), or None when empty."""
         with self.session(readonly=True) as session:
-            received = session.execute(select(func.max(Instance.received_at))).scalar_one()
-            resent = session.execute(select(func.max(Instance.last_resent_at))).scalar_one()
+            received, resent = session.execute(
+                select(func.max(Instance.received_at), func.max(Instance.last_resent_at))
+            ).one()
         times = [t for t in (received, resent) if t is not None]
         return max(times) if times else None
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -42,33 +40,6 @@ class RecoveryReport:
     unreadable: int
 
 
-def candidate_files(archive: Archive, since: float) -> list[Path]:
-    """Instance files under series folders changed at or after ``since`` (epoch s)."""
-    found: list[Path] = []
-    with os.scandir(archive.dicom_root) as studies:
-        for study in studies:
-            if not study.is_dir(follow_symlinks=False):
-                continue
-            with os.scandir(study.path) as series_dirs:
-                for series in series_dirs:
-                    if not series.is_dir(follow_symlinks=False):
-                        continue
-                    # A rename into a folder updates its mtime: older folders
-                    # received nothing since ``since``.
-                    if series.stat(follow_symlinks=False).st_mtime < since:
-                        continue
-                    with os.scandir(series.path) as files:
-                        for entry in files:
-                            if (
-                                entry.name.endswith(".dcm")
-                                and not entry.name.startswith(".")
-                                and entry.is_file(follow_symlinks=False)
-                                and entry.stat(follow_symlinks=False).st_mtime >= since
-                            ):
-                                found.append(Path(entry.path))
-    return sorted(found)
-
-
 def reindex_unindexed(
     archive: Archive, index: Index, *, margin_s: float = DEFAULT_MARGIN_S
 ) -> RecoveryReport:
@@ -79,7 +50,7 @@ def reindex_unindexed(
     """
     newest = index.newest_received_at()
     since = 0.0 if newest is None else newest.replace(tzinfo=dt.UTC).timestamp() - margin_s
-    files = candidate_files(archive, since)
+    files = archive.files_changed_since(since)
     if not files:
         return RecoveryReport(0, 0, 0)
     known = index.known_sop_instance_uids([path.stem for path in files])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -119,8 +120,6 @@ def test_sigkill_right_after_success_loses_nothing(tmp_path: Path) -> None:
 def test_restart_reindexes_acknowledged_files_whose_rows_were_lost(tmp_path: Path) -> None:
     """A power loss can drop the last index commits (synchronous=NORMAL) while the
     files, fsynced before the success status, survive: the next start indexes them."""
-    import sqlite3
-
     node = Node(tmp_path)
     node.start()
     series = ct_series(6, size=32)

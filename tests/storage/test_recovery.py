@@ -11,7 +11,7 @@ from pydicom.uid import generate_uid
 
 from storage.archive import Archive, StoredFile
 from storage.index import Index, InstanceMeta
-from storage.recovery import candidate_files, reindex_unindexed
+from storage.recovery import reindex_unindexed
 from tests.storage.helpers import ct_series, dataset_bytes
 
 
@@ -85,7 +85,7 @@ def test_the_scan_skips_series_folders_older_than_the_newest_row(tmp_path: Path)
     recent = ct_series(1)[0]
     _index(index, recent, _store(archive, recent))
 
-    assert candidate_files(archive, time.time() - 600) == [
+    assert archive.files_changed_since(time.time() - 600) == [
         archive.path_for(recent.StudyInstanceUID, recent.SeriesInstanceUID, recent.SOPInstanceUID)
     ]
     assert reindex_unindexed(archive, index).reindexed == 0
