@@ -235,22 +235,13 @@ def test_identical_resend_then_extra_slice(loop: Loop, phantoms: dict[str, Study
 
 def test_real_scanner_series_through_the_loop(loop: Loop) -> None:
     """A real Philips head series (vendor headers, no bleed) comes back negative, SR only."""
-    from pydicom import dcmread as read
-
-    from tests.interop import REAL_5MM, require_real_data, require_tool
+    from tests.hardening.loadutil import storescu
+    from tests.interop import REAL_5MM, require_real_data
 
     require_real_data()
-    tool = require_tool("storescu", "dcmtk")
     files = sorted(p for p in REAL_5MM.iterdir() if p.is_file())
-    header = read(files[0], stop_before_pixels=True)
-    run = subprocess.run(
-        [tool, "-aet", "SCANNER", "-aec", loop.node.ae_title, "127.0.0.1", str(loop.node.port)]
-        + [str(f) for f in files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    header = dcmread(files[0], stop_before_pixels=True)
+    run = storescu(loop.node.port, files, called=loop.node.ae_title)
     assert run.returncode == 0, run.stderr
     study_uid, series_uid = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
 

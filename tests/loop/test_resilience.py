@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.interop import require_tool
+from tests.hardening.loadutil import storescu
 from tests.loop.conftest import (
     Study,
     make_study,
@@ -23,15 +22,7 @@ pytestmark = pytest.mark.interop
 
 
 def _storescu(node: NodeRunner, files: list[Path]) -> None:
-    tool = require_tool("storescu", "dcmtk")
-    run = subprocess.run(
-        [tool, "-aet", "SCANNER", "-aec", node.ae_title, "127.0.0.1", str(node.port)]
-        + [str(f) for f in files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = storescu(node.port, files, called=node.ae_title)
     assert run.returncode == 0, run.stderr
 
 
