@@ -43,8 +43,30 @@ ORTHANC = "/usr/sbin/Orthanc"
 
 
 @contextmanager
+def _serving(
+    argv: list[str], port: int, log: Path | None, *, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """Run ``argv`` until the block ends, once it listens on ``port``; stderr to ``log``."""
+    with open(log if log is not None else os.devnull, "wb") as err:
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+        try:
+            wait_for_port(port, 60)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+
+
+@contextmanager
 def ichnode_peer(work: Path, synchronous: str) -> Iterator[tuple[str, int]]:
-    """Run ``ichnode serve`` (the real CLI) on a free port; yield (AE title, port)."""
+    """Run ichnode's receiving side (``--serve-receiver-only``) on a free port;
+    yield (AE title, port)."""
     port = free_port()
     cfg = work / "ichnode.toml"
     cfg.write_text(
@@ -52,40 +74,18 @@ def ichnode_peer(work: Path, synchronous: str) -> Iterator[tuple[str, int]]:
         f'[storage]\nroot = "{work / "ichnode-data"}"\nmin_free_disk_mb = 64\n'
         f'sqlite_synchronous = "{synchronous}"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.ingest", "--serve-receiver-only", str(cfg)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "ichnode.log").open("wb"),
-    )
-    try:
-        wait_for_port(port, 60)
+    argv = [sys.executable, "-m", "bench.ingest", "--serve-receiver-only", str(cfg)]
+    with _serving(argv, port, work / "ichnode.log"):
         yield "ICHNODE", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
 
 
 @contextmanager
 def noop_peer(work: Path) -> Iterator[tuple[str, int]]:
     """pynetdicom with ichnode's AE settings and a handler that stores nothing: the floor."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.ingest", "--serve-noop", str(port)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "noop.log").open("wb"),
-    )
-    try:
-        wait_for_port(port, 60)
+    argv = [sys.executable, "-m", "bench.ingest", "--serve-noop", str(port)]
+    with _serving(argv, port, work / "noop.log"):
         yield "ICHNODE", port
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 @contextmanager
@@ -94,29 +94,10 @@ def storescp_peer(work: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     out = work / "storescp-data"
     out.mkdir()
-    proc = subprocess.Popen(
-        [
-            "storescp",
-            "--fork",
-            "-aet",
-            "STORESCP",
-            "-pdu",
-            "131072",
-            "+B",
-            "-od",
-            str(out),
-            str(port),
-        ],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, 30)
+    argv = ["storescp", "--fork", "-aet", "STORESCP", "-pdu", "131072", "+B", "-od", str(out),
+            str(port)]
+    with _serving(argv, port, None, env=dcmtk_env()):
         yield "STORESCP", port
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @contextmanager
@@ -141,18 +122,8 @@ def orthanc_peer(work: Path) -> Iterator[tuple[str, int]]:
             }
         )
     )
-    proc = subprocess.Popen(
-        [ORTHANC, str(cfg)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=(work / "orthanc.log").open("wb"),
-    )
-    try:
-        wait_for_port(port, 60)
+    with _serving([ORTHANC, str(cfg)], port, work / "orthanc.log", env=dcmtk_env()):
         yield "ORTHANC", port
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def send(files: list[Path], ae_title: str, port: int, associations: int) -> float:
