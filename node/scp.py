@@ -881,6 +881,17 @@ class StorageSCP:
                 extra=extra,
             )
             return _status(STATUS_DATASET_MISMATCH, "SOPClassUID differs from request")
+        if not walk.has_pixels and UID(affected_class).name.endswith("Image Storage"):
+            # Pixel Data is Type 1 in every image IOD: without it the dataset was
+            # cut short (e.g. at an element boundary) or is not the image it claims.
+            logger.warning(
+                "assoc %d: refused %s: %s without Pixel Data",
+                aid,
+                affected_uid,
+                UID(affected_class).name,
+                extra=extra,
+            )
+            return _status(STATUS_DATASET_MISMATCH, "image without Pixel Data")
 
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = calling

@@ -149,6 +149,23 @@ def test_sop_instance_uid_differing_from_the_request_is_refused(
         assert r.index.count_instances() == 0
 
 
+def test_image_cut_before_its_pixel_module_is_a900(tmp_path: Path, raw_sends: None) -> None:
+    """A CT cut at an element boundary before (0028,xxxx) is a well-formed dataset, but
+    not a CT image: Pixel Data is Type 1 (found by the fuzz test)."""
+    ds = small_ct()
+    for keyword in [e.keyword for e in ds if e.tag.group >= 0x0028]:
+        delattr(ds, keyword)
+    bad = _raw_file(tmp_path, ds.SOPInstanceUID, dataset_bytes(ds))
+    with running_scp(tmp_path / "node") as r:
+        assoc = _associate(r.port)
+        assert _store(assoc, bad) == 0xA900
+        assert _store(assoc, small_ct()) == 0x0000
+        assoc.release()
+        assert r.index.instance(ds.SOPInstanceUID) is None
+        assert r.index.count_instances() == 1
+        assert len(list((tmp_path / "node").rglob("*.dcm"))) == 1
+
+
 def test_undecodable_dataset_is_c000(tmp_path: Path, raw_sends: None) -> None:
     # An element header claiming 1 GB of value: pydicom cannot read it.
     garbage = b"\x08\x00\x18\x00UI\xff\xff" + b"1.2" * 3
