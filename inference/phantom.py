@@ -743,14 +743,16 @@ class _Painter:
             phi = float(rng.uniform(0, 2 * math.pi))
             surf = _surface_point(an, phi, self._slab_height())
             centre = (surf[0] * 0.95, surf[1] * 0.95, surf[2])
-            frac = 0.12
+            frac = 0.085
         radius = float(np.clip((3000.0 * volume_ml / (4 * math.pi * frac)) ** (1 / 3), 8.0, 50.0))
         box = self.grid.box(centre, radius)
         if box is None:
             return False
         sl, u, v, ww = box
         dist2 = (u - centre[0]) ** 2 + (v - centre[1]) ** 2 + (ww - centre[2]) ** 2
-        m = csf[sl] & (dist2 < radius**2) & (self.dd[sl] > 1.0)
+        # Sulci, fissures and cisterns, not the 0.8-2.5 mm CSF layer under the inner
+        # table: blood there blurs into the bone (a label the image would not show).
+        m = csf[sl] & (dist2 < radius**2) & (self.dd[sl] > an.csf + 0.5)
         return self._commit("subarachnoid", sl, m, float(rng.uniform(50.0, 80.0)))
 
 

@@ -234,6 +234,17 @@ def test_subarachnoid_replaces_sulcal_and_cisternal_csf() -> None:
         assert sah.any() and np.all(twin.tissue[sah] == CSF)
 
 
+def test_subarachnoid_leaves_the_csf_layer_under_the_inner_table() -> None:
+    # Blood in the sub-millimetre layer against the bone blurs into the inner table:
+    # no labelled voxel may touch bone (seeds 2 and 7 had such voxels before).
+    for seed in range(2, 8):
+        case = generate_case(seed, matrix=192, subtypes=["subarachnoid"], noise_sd=0, **WHOLE_HEAD)
+        assert case.tissue is not None
+        sah = _label(case, "subarachnoid")
+        assert sah.any()
+        assert not (sah & _dilate(case.tissue == BONE)).any()
+
+
 def test_thin_slab_still_holds_each_asked_subtype() -> None:
     for seed in range(5):
         for name in SUBTYPES:
