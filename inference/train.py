@@ -91,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     opt.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     opt.add_argument("--init", type=Path, help="start from these weights (fine-tuning)")
+    opt.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32",
+        help="bf16: mixed precision (bfloat16 autocast) on CPU or CUDA; about 2x faster on "
+        "CPUs with AMX or AVX512-BF16, the weights stay float32",
+    )
     net = parser.add_argument_group("network")
     net.add_argument("--input-size", type=int, default=128, help="working matrix (pixels)")
     net.add_argument("--base-width", type=int, default=16)
@@ -517,6 +522,13 @@ def train(args: argparse.Namespace) -> Path:
     logger.info("filled the cache with %d cases in %.1f s", len(cache), time.monotonic() - t0)
 
     pos_weight = torch.tensor(POS_WEIGHT, device=device)
+
+    def autocast() -> Any:
+        # bfloat16 keeps float32's exponent range: no loss scaling is needed.
+        return torch.autocast(
+            device_type=device, dtype=torch.bfloat16, enabled=args.precision == "bf16"
+        )
+
     progress = _progress(args, start_step)
     model.train()
     last_loss = float("nan")
@@ -531,12 +543,14 @@ def train(args: argparse.Namespace) -> Path:
         if mode == "slice":
             hu, seg, cls, has_seg = sample_slices(list(cache), args.batch_size, rng, 1)
             hu, seg = augment(hu, seg, gen)
-            out = model(to_input(hu).to(device))
+            with autocast():
+                out = model(to_input(hu).to(device))
+            # Losses in float32 whatever the precision of the forward pass.
             loss = F.binary_cross_entropy_with_logits(
-                out["cls"], cls.to(device), pos_weight=pos_weight
+                out["cls"].float(), cls.to(device), pos_weight=pos_weight
             )
             if seg is not None:
-                loss = loss + seg_loss(out["seg"], seg.to(device), has_seg.to(device))
+                loss = loss + seg_loss(out["seg"].float(), seg.to(device), has_seg.to(device))
         else:
             case = list(cache)[int(rng.integers(len(cache)))]
             z = case.hu.shape[0]
@@ -545,9 +559,10 @@ def train(args: argparse.Namespace) -> Path:
 
             idx = torch.from_numpy(neighbour_index(z, 1)[keep])
             hu, _ = augment(case.hu[idx], None, gen)
-            out = model(to_input(hu).to(device))
+            with autocast():
+                out = model(to_input(hu).to(device))
             loss = F.binary_cross_entropy_with_logits(
-                lse_pool(out["cls"]), case.bag.to(device), pos_weight=pos_weight
+                lse_pool(out["cls"].float()), case.bag.to(device), pos_weight=pos_weight
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -615,6 +630,7 @@ def finish(
         "seed": int(args.seed),
         "data": args.data,
         "steps": int(args.steps),
+        "precision": str(getattr(args, "precision", "fp32")),
         "train_seeds": args.train_seeds if args.data == "phantom" else "",
         "val_seeds": args.val_seeds if args.data == "phantom" else "",
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

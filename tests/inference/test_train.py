@@ -92,6 +92,21 @@ def test_weights_file_records_how_it_was_made(tmp_path: Path) -> None:
     assert len(predictor.weights_sha256) == 64
 
 
+def test_bf16_mixed_precision_trains_float32_weights(tmp_path: Path) -> None:
+    fp32, _ = read_weights(train(_args(tmp_path / "a", "--steps", "2")))
+    bf16, _ = read_weights(train(_args(tmp_path / "b", "--steps", "2", "--precision", "bf16")))
+    assert bf16["training"]["precision"] == "bf16"
+    assert fp32["training"]["precision"] == "fp32"
+    for key, value in bf16["state_dict"].items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32, key
+            assert torch.isfinite(value).all(), key
+    # The same seed and batches: the steps differ only by the rounding of the forward pass.
+    a, b = fp32["state_dict"]["seg_head.weight"], bf16["state_dict"]["seg_head.weight"]
+    assert not torch.equal(a, b)
+    assert torch.allclose(a, b, atol=0.05)
+
+
 def test_resume_without_checkpoint_and_overlapping_seeds_are_refused(tmp_path: Path) -> None:
     from inference.datasets import DatasetError
 
