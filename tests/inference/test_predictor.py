@@ -28,7 +28,7 @@ from tests.interop import REAL_5MM, REAL_TILT, require_real_data
 
 REPO = Path(__file__).resolve().parents[2]
 #: A slice of the reserved test seeds, never used in training or validation.
-DICE_FLOOR = 0.65  # measured 0.749 on these seeds (weights s20261130.3400); the target is 0.75
+DICE_FLOOR = 0.75  # the target; measured 0.805 on these seeds (weights s20261201.4800)
 HELD_OUT = range(int(TEST_SEEDS.split(":")[0]) + 100, int(TEST_SEEDS.split(":")[0]) + 140)
 
 
@@ -104,23 +104,23 @@ def test_masks_follow_a_non_square_source_matrix(predictor: Predictor) -> None:
 def test_held_out_metrics(predictor: Predictor) -> None:
     """The bundled weights on 40 reserved test seeds (about one minute).
 
-    ``any``, intraparenchymal and intraventricular are held to the project
-    targets (AUC 0.98 / 0.95, sensitivity 0.95); subdural, epidural and the
-    Dice to what the bundled weights reach with a margin, BELOW the targets
-    (subtype AUC 0.95, Dice 0.75), see docs/MODEL_CARD.md. Subarachnoid (one
-    positive among these seeds) is not bounded here. Raise the bounds when
-    better weights are bundled.
+    ``any``, intraparenchymal, intraventricular and the Dice are held to the
+    project targets (AUC 0.98 / 0.95, sensitivity 0.95, Dice 0.75); subdural and
+    epidural to what the bundled weights reach with a margin, BELOW the target
+    (subtype AUC 0.95), see docs/MODEL_CARD.md. Subarachnoid (one positive
+    among these seeds) is not bounded here. Raise the bounds when better
+    weights are bundled.
     """
     items = (phantom_case(seed, n_slices=16) for seed in HELD_OUT)
     results = collect(predictor, items)
     metrics = compute_metrics(results)["series"]
-    assert metrics["any"].auc >= 0.98  # measured 1.0 (weights s20261130.3400)
+    assert metrics["any"].auc >= 0.98  # measured 1.0 (weights s20261201.4800)
     assert metrics["any"].sensitivity >= 0.95  # measured 1.0
     for name, floor in (
         ("intraparenchymal", 0.95),  # measured 1.0
-        ("intraventricular", 0.95),  # measured 0.994
-        ("subdural", 0.85),  # measured 0.922
-        ("epidural", 0.85),  # measured 0.915
+        ("intraventricular", 0.95),  # measured 1.0
+        ("subdural", 0.85),  # measured 0.874
+        ("epidural", 0.90),  # measured 0.947
     ):
         assert results.series_labels[:, CLASSES.index(name)].any(), name
         assert metrics[name].auc >= floor, name
