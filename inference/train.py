@@ -630,7 +630,7 @@ def finish(
         "seed": int(args.seed),
         "data": args.data,
         "steps": int(args.steps),
-        "precision": str(getattr(args, "precision", "fp32")),
+        "precision": args.precision,
         "train_seeds": args.train_seeds if args.data == "phantom" else "",
         "val_seeds": args.val_seeds if args.data == "phantom" else "",
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
