@@ -19,6 +19,8 @@ is called by ``ichnode --help``.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import logging
 import math
 import os
@@ -26,7 +28,7 @@ import shlex
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--cache-cases", type=int, default=48, help="cases kept in memory")
     data.add_argument(
         "--refresh-every", type=int, default=2, help="replace one cached case every N steps"
+    )
+    data.add_argument(
+        "--workers", type=int, default=0,
+        help="processes that generate or load cases ahead of the training loop and the "
+        "validation (0: in the loop); the run is the same for any number",
     )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=3000)
@@ -201,6 +208,98 @@ class CaseStream:
             if item is not None:
                 yield item
 
+    def cases(
+        self, start: int, size: int, workers: int = 0
+    ) -> Generator[TrainCase, None, None]:
+        """Items from index ``start`` on as :class:`TrainCase` at ``size`` pixels.
+
+        With ``workers`` > 0 they are loaded and resampled in that many processes,
+        a few items ahead, and still yielded in index order: the sequence is the
+        same for any number of workers.
+        """
+        load = _CaseLoader(self.loader, size)
+        keys = (self.key(i) for i in itertools.count(start))
+        for case in prefetched(load, keys, workers):
+            if case is not None:
+                yield case
+
+
+@dataclass(frozen=True)
+class _CaseLoader:
+    """Load one item and resample it to the working matrix (picklable for workers)."""
+
+    loader: Callable[[Any], LabelledVolume | None]
+    size: int
+
+    def __call__(self, key: Any) -> TrainCase | None:
+        item = self.loader(key)
+        return None if item is None else to_train_case(item, self.size)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def prefetched(
+    fn: Callable[[Any], Any], keys: Iterable[Any], workers: int, depth: int = 0
+) -> Generator[Any, None, None]:
+    """``fn(key)`` for each key, in order; computed in ``workers`` spawned processes
+    (at most ``depth``, default 3 x workers, ahead) or here when ``workers`` is 0.
+
+    ``fn`` must be picklable. Spawned rather than forked processes: the parent may
+    hold a CUDA context, which a forked child cannot use or safely inherit.
+    """
+    if workers <= 0:
+        for key in keys:
+            yield fn(key)
+        return
+    import multiprocessing
+
+    depth = depth or 3 * workers
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        pending: deque[Any] = deque()
+        for key in keys:
+            pending.append(pool.apply_async(fn, (key,)))
+            if len(pending) >= depth:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass(frozen=True)
+class PhantomLoader:
+    """One phantom training case per seed; a share of them QA-phantom-like negatives."""
+
+    qa_negatives: float
+    n_slices: int
+    matrix: int
+
+    def __call__(self, seed: int) -> LabelledVolume:
+        from inference.datasets import phantom_case
+
+        if np.random.default_rng([seed, 7]).random() < self.qa_negatives:
+            return qa_negative(seed, n_slices=self.n_slices, matrix=self.matrix)
+        return phantom_case(seed, n_slices=self.n_slices, matrix=self.matrix)
+
+
+@dataclass(frozen=True)
+class _RealLoader:
+    """One real series, or None (logged) when it cannot be analysed."""
+
+    dataset: Any
+
+    def __call__(self, ref: Any) -> LabelledVolume | None:
+        from inference.volume import SeriesSkipped
+
+        try:
+            item: LabelledVolume = self.dataset.load(ref)
+        except SeriesSkipped as exc:
+            logger.warning("skipping series %s: %s", ref.key, exc.reason)
+            return None
+        return item
+
 
 def build_sources(
     args: argparse.Namespace,
@@ -211,14 +310,11 @@ def build_sources(
         Cq500Dataset,
         DatasetError,
         RsnaDataset,
-        SeriesRef,
         iter_loaded,
         parse_seeds,
         phantom_case,
-        phantom_cases,
         split_of,
     )
-    from inference.volume import SeriesSkipped
 
     if args.data == "phantom":
         train_seeds = parse_seeds(args.train_seeds)
@@ -229,14 +325,14 @@ def build_sources(
         if overlap or (train_seeds.start < test.stop and test.start < train_seeds.stop):
             raise DatasetError("training seeds overlap the validation or test seeds")
 
-        def load_phantom(seed: int) -> LabelledVolume:
-            if np.random.default_rng([seed, 7]).random() < args.qa_negatives:
-                return qa_negative(seed, n_slices=args.phantom_slices, matrix=args.phantom_matrix)
-            return phantom_case(seed, n_slices=args.phantom_slices, matrix=args.phantom_matrix)
-
+        load_phantom = PhantomLoader(args.qa_negatives, args.phantom_slices, args.phantom_matrix)
         stream = CaseStream(list(train_seeds), load_phantom, args.seed)
+        load_val = functools.partial(
+            phantom_case, n_slices=args.val_slices, matrix=args.phantom_matrix
+        )
+
         def val_phantoms() -> Iterator[LabelledVolume]:
-            return phantom_cases(val_seeds, n_slices=args.val_slices, matrix=args.phantom_matrix)
+            return prefetched(load_val, val_seeds, args.workers)
 
         return stream, val_phantoms, "slice"
 
@@ -261,14 +357,7 @@ def build_sources(
     logger.info("%s: %d training and %d validation series", args.data, len(train_refs),
                 len(val_refs))
 
-    def load_real(ref: SeriesRef) -> LabelledVolume | None:
-        try:
-            return dataset.load(ref)
-        except SeriesSkipped as exc:
-            logger.warning("skipping series %s: %s", ref.key, exc.reason)
-            return None
-
-    stream = CaseStream(train_refs, load_real, args.seed)
+    stream = CaseStream(train_refs, _RealLoader(dataset), args.seed)
     return stream, lambda: iter_loaded(dataset, val_refs), mode
 
 
@@ -349,7 +438,7 @@ def sample_slices(
             k = int(case.positive[int(rng.integers(len(case.positive)))])
         else:
             k = int(rng.integers(z))
-        idx = torch.from_numpy(neighbour_index(z, neighbours)[k])
+        idx = torch.from_numpy(neighbour_index(z, neighbours)[k]).to(case.hu.device)
         hus.append(case.hu[idx])
         assert case.cls is not None
         clss.append(case.cls[k])
@@ -357,18 +446,26 @@ def sample_slices(
             segs.append(case.seg[:, k].float())
             has_seg.append(1.0)
         else:
-            segs.append(torch.zeros((len(SUBTYPES), size, size)))
+            segs.append(torch.zeros((len(SUBTYPES), size, size), device=case.hu.device))
             has_seg.append(0.0)
     seg = torch.stack(segs) if any(has_seg) else None
     return torch.stack(hus), seg, torch.stack(clss), torch.tensor(has_seg)
 
 
 def augment(
-    hu: torch.Tensor, seg: torch.Tensor | None, gen: torch.Generator
+    hu: torch.Tensor,
+    seg: torch.Tensor | None,
+    gen: torch.Generator,
+    noise_gen: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random rotation (+-15 deg), left-right flip, scale (0.85-1.2), shift (+-6%),
     contrast (x0.92-1.08, +-6 HU) and Gaussian noise (0-6 HU) on a HU batch
-    (B, C, S, S); the masks follow the geometry."""
+    (B, C, S, S); the masks follow the geometry.
+
+    The parameters come from ``gen`` (a CPU generator); the work is done on the
+    batch's device. The noise image is drawn from ``gen`` too, or from
+    ``noise_gen`` (a generator on the batch's device) when one is given.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -387,16 +484,19 @@ def augment(
     theta[:, 1, 0] = sin * flip
     theta[:, 1, 1] = cos
     theta[:, :, 2] = uniform(-0.06, 0.06, 2 * b).view(b, 2)
-    grid = F.affine_grid(theta, list(hu.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(hu.device), list(hu.shape), align_corners=False)
     # Air outside the image: shift so that zero padding means -1024 HU.
     hu = F.grid_sample(hu + 1024.0, grid, mode="bilinear", align_corners=False) - 1024.0
     if seg is not None:
         seg = F.grid_sample(seg, grid, mode="bilinear", align_corners=False)
-    gain = uniform(0.92, 1.08).view(b, 1, 1, 1)
-    offset = uniform(-6.0, 6.0).view(b, 1, 1, 1)
-    sd = uniform(0.0, 6.0).view(b, 1, 1, 1)
-    noise = torch.randn(hu.shape, generator=gen) * sd
-    return hu * gain + offset + noise, seg
+    gain = uniform(0.92, 1.08).view(b, 1, 1, 1).to(hu.device)
+    offset = uniform(-6.0, 6.0).view(b, 1, 1, 1).to(hu.device)
+    sd = uniform(0.0, 6.0).view(b, 1, 1, 1).to(hu.device)
+    if noise_gen is None:
+        noise = torch.randn(hu.shape, generator=gen).to(hu.device)
+    else:
+        noise = torch.randn(hu.shape, generator=noise_gen, device=hu.device)
+    return hu * gain + offset + noise * sd, seg
 
 
 def to_input(hu: torch.Tensor) -> torch.Tensor:
@@ -511,15 +611,24 @@ def train(args: argparse.Namespace) -> Path:
     )
 
     stream, val_items, mode = build_sources(args)
+    if start_step >= args.steps:
+        # Resumed at its last step: only the validation and the weights file are left.
+        logger.info("checkpoint is at step %d of %d: validation only", start_step, args.steps)
+        return finish(args, model, config, val_items)
     cache_size = max(1, args.cache_cases)
     refresh = max(1, args.refresh_every)
     drawn_at_start = start_step // refresh
-    items = stream.items(drawn_at_start)
+    cases = stream.cases(drawn_at_start, config.input_size, args.workers)
+    # The cache lives on the training device: batches are cut and augmented there.
     cache: deque[TrainCase] = deque(maxlen=cache_size)
     t0 = time.monotonic()
     for _ in range(cache_size):
-        cache.append(to_train_case(next(items), config.input_size))
+        cache.append(_to_device(next(cases), device))
     logger.info("filled the cache with %d cases in %.1f s", len(cache), time.monotonic() - t0)
+    cuda = device == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    noise_gen = torch.Generator(device=device) if cuda else None
 
     pos_weight = torch.tensor(POS_WEIGHT, device=device)
 
@@ -532,17 +641,20 @@ def train(args: argparse.Namespace) -> Path:
     progress = _progress(args, start_step)
     model.train()
     last_loss = float("nan")
+    timer = (time.monotonic(), start_step)
     for step in range(start_step, args.steps):
         if step > start_step and step % refresh == 0:
-            cache.append(to_train_case(next(items), config.input_size))
+            cache.append(_to_device(next(cases), device))
         rng = np.random.default_rng([args.seed, step])
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        if noise_gen is not None:
+            noise_gen.manual_seed(args.seed * 1_000_033 + step)
         torch.manual_seed(args.seed * 7919 + step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         if mode == "slice":
             hu, seg, cls, has_seg = sample_slices(list(cache), args.batch_size, rng, 1)
-            hu, seg = augment(hu, seg, gen)
+            hu, seg = augment(hu, seg, gen, noise_gen)
             with autocast():
                 out = model(to_input(hu).to(device))
             # Losses in float32 whatever the precision of the forward pass.
@@ -557,8 +669,8 @@ def train(args: argparse.Namespace) -> Path:
             keep = np.linspace(0, z - 1, min(z, args.batch_size * 3)).round().astype(int)
             from inference.windows import neighbour_index
 
-            idx = torch.from_numpy(neighbour_index(z, 1)[keep])
-            hu, _ = augment(case.hu[idx], None, gen)
+            idx = torch.from_numpy(neighbour_index(z, 1)[keep]).to(case.hu.device)
+            hu, _ = augment(case.hu[idx], None, gen, noise_gen)
             with autocast():
                 out = model(to_input(hu).to(device))
             loss = F.binary_cross_entropy_with_logits(
@@ -573,14 +685,31 @@ def train(args: argparse.Namespace) -> Path:
         progress.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             _save_checkpoint(ckpt_path, model, optimizer, step + 1)
-            logger.info("step %d loss %.4f (checkpoint)", step + 1, last_loss)
+            now = time.monotonic()
+            rate = (step + 1 - timer[1]) / max(now - timer[0], 1e-9)
+            timer = (now, step + 1)
+            logger.info("step %d loss %.4f, %.2f steps/s (checkpoint)", step + 1, last_loss, rate)
         if args.stop_at and step + 1 >= args.stop_at:
             _save_checkpoint(ckpt_path, model, optimizer, step + 1)
             progress.close()
+            cases.close()
             logger.info("stopped at step %d; continue with --resume", step + 1)
             return ckpt_path
     progress.close()
+    cases.close()  # stops the loading processes before the validation starts its own
     return finish(args, model, config, val_items)
+
+
+def _to_device(case: TrainCase, device: str) -> TrainCase:
+    if device == "cpu":
+        return case
+    return TrainCase(
+        hu=case.hu.to(device),
+        seg=None if case.seg is None else case.seg.to(device),
+        cls=None if case.cls is None else case.cls.to(device),
+        bag=case.bag.to(device),
+        positive=case.positive,
+    )
 
 
 def _progress(args: argparse.Namespace, start: int) -> Any:

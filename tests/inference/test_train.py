@@ -4,6 +4,7 @@ the weights file it writes."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,9 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     )
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     straight = train(_args(tmp_path / "a"))
     stopped = train(_args(tmp_path / "b", "--stop-at", "2"))
     assert stopped.name == "checkpoint.pt"
@@ -69,6 +72,16 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> N
     for key, value in a["state_dict"].items():
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-5), key
     assert a["thresholds"] == pytest.approx(b["thresholds"])
+    # Resumed at its last step, a run only validates again (the thresholds can be
+    # picked anew without training): the same network, the same thresholds.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="inference.train"):
+        again = train(_args(tmp_path / "b", "--resume", "--out", str(tmp_path / "again.pt")))
+    assert "validation only" in caplog.text and "filled the cache" not in caplog.text
+    d, _ = read_weights(again)
+    for key, value in b["state_dict"].items():
+        assert torch.equal(value, d["state_dict"][key]), key
+    assert d["thresholds"] == pytest.approx(b["thresholds"])
     # and a different seed trains a different network
     other = train(_args(tmp_path / "c", "--seed", "6"))
     c, _ = read_weights(other)
@@ -105,6 +118,19 @@ def test_bf16_mixed_precision_trains_float32_weights(tmp_path: Path) -> None:
     a, b = fp32["state_dict"]["seg_head.weight"], bf16["state_dict"]["seg_head.weight"]
     assert not torch.equal(a, b)
     assert torch.allclose(a, b, atol=0.05)
+
+
+def test_loading_processes_change_nothing_but_speed(tmp_path: Path) -> None:
+    # Cases made in two spawned processes arrive in the order the loop would make
+    # them, so the run, its validation and its thresholds are the same.
+    here, _ = read_weights(train(_args(tmp_path / "a", "--steps", "6", "--refresh-every", "1")))
+    workers, _ = read_weights(
+        train(_args(tmp_path / "b", "--steps", "6", "--refresh-every", "1", "--workers", "2"))
+    )
+    for key, value in here["state_dict"].items():
+        assert torch.equal(value, workers["state_dict"][key]), key
+    assert here["thresholds"] == workers["thresholds"]
+    assert here["training"]["val_auc"] == pytest.approx(workers["training"]["val_auc"], nan_ok=True)
 
 
 def test_resume_without_checkpoint_and_overlapping_seeds_are_refused(tmp_path: Path) -> None:
