@@ -159,9 +159,13 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 def pick_threshold(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
     """The decision threshold for at least ``sensitivity`` with the best specificity.
 
-    The highest threshold that keeps the sensitivity is moved down to the middle
-    (in log-odds) of the gap to the next lower score, so a small shift of the
-    scores does not cost sensitivity. Without positives or negatives: 0.5.
+    The highest threshold that keeps the sensitivity sets the best specificity.
+    From there the threshold goes down past every further positive score that
+    lets no further negative through: at that specificity it is as sensitive as
+    the data allow (on well-separated validation data every positive is kept, not
+    just the required share). It is then moved down to the middle (in log-odds)
+    of the gap to the next lower score, so a small shift of the scores does not
+    cost sensitivity. Without positives or negatives: 0.5.
     """
     y = np.asarray(labels, dtype=bool)
     s = np.clip(np.asarray(scores, dtype=np.float64), 1e-6, 1 - 1e-6)
@@ -169,15 +173,21 @@ def pick_threshold(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -
         logger.warning("threshold: validation set lacks positives or negatives, using 0.5")
         return 0.5
     positives = np.sort(s[y])[::-1]
+    negatives = s[~y]
     k = max(1, math.ceil(sensitivity * len(positives) - 1e-9))
-    t_max = positives[k - 1]
-    below = s[s < t_max]
+    t = positives[k - 1]
+    let_through = np.count_nonzero(negatives >= t)
+    for p in positives[k:]:
+        if np.count_nonzero(negatives >= p) > let_through:
+            break
+        t = p
+    below = s[s < t]
 
     def logit(p: float) -> float:
         return math.log(p / (1 - p))
 
-    low = logit(float(below.max())) if below.size else logit(t_max) - 2.0
-    mid = (logit(float(t_max)) + low) / 2.0
+    low = logit(float(below.max())) if below.size else logit(t) - 2.0
+    mid = (logit(float(t)) + low) / 2.0
     return float(1.0 / (1.0 + math.exp(-mid)))
 
 

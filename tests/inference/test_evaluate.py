@@ -73,11 +73,19 @@ def test_threshold_keeps_the_sensitivity_and_sits_in_the_gap() -> None:
     pos = np.concatenate([[0.2], np.linspace(0.6, 0.99, 19)])
     scores = np.concatenate([neg, pos])
     t = pick_threshold(labels, scores, 0.95)
-    # 19 of 20 positives is exactly 0.95: the 0.2 positive may be missed, and the
-    # threshold lies between the top negative (0.3) and the lowest kept positive (0.6)
+    # 19 of 20 positives is exactly 0.95: the 0.2 positive may be missed (keeping
+    # it lets negatives through), and the threshold lies between the top negative
+    # (0.3) and the lowest kept positive (0.6)
     assert 0.3 < t < 0.6
     assert (scores[labels] >= t).mean() >= 0.95
     assert (scores[~labels] >= t).sum() == 0
+    # Separated classes: no positive is given up for nothing. 95 % would allow a
+    # threshold above the lowest positive (0.6), but keeping it costs no
+    # specificity, so the threshold goes below it, into the gap above 0.3.
+    separated = np.concatenate([neg, np.linspace(0.6, 0.99, 20)])
+    t = pick_threshold(labels, separated, 0.95)
+    assert 0.3 < t < 0.6
+    assert (separated[labels] >= t).all() and not (separated[~labels] >= t).any()
     strict = pick_threshold(labels, scores, 1.0)
     assert strict < 0.2
     assert pick_threshold(np.ones(4, dtype=bool), np.arange(4.0) / 4, 0.95) == 0.5
