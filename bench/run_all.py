@@ -186,6 +186,18 @@ def soak_row(doc: dict[str, Any] | None) -> str | None:
     )
 
 
+def cuda_row(doc: dict[str, Any] | None) -> str | None:
+    """The figures-table row of the GPU benchmark (``bench.cuda``, run on a lent GPU)."""
+    if doc is None:
+        return None
+    e2e = doc.get("end_to_end", {})
+    return (
+        f"| inference on a GPU, 40x512 series with Grad-CAM (s) | "
+        f"{_fmt(e2e.get('median_s'), '{:.3f}')} | none | {e2e.get('slices_per_s', '?')} "
+        f"slices/s on {doc.get('gpu', '?')}, float16 autocast | n/a | {_date(doc)} |"
+    )
+
+
 def summary_text(runs: list[Run], started: dt.datetime) -> str:
     """The markdown of the ``summary`` section."""
     info = machine()
@@ -198,6 +210,9 @@ def summary_text(runs: list[Run], started: dt.datetime) -> str:
     soak = soak_row(load_result("soak"))
     if soak is not None:
         figures.append(soak)
+    cuda = cuda_row(load_result("cuda"))
+    if cuda is not None:
+        figures.append(cuda)
     lines = [
         "## Summary",
         "",

@@ -225,7 +225,8 @@ class Predictor:
         self.training: dict[str, Any] = dict(ckpt.get("training", {}))
         self.weights_sha256 = sha256
         self.batch_size = batch_size or (64 if self.device == "cuda" else 16)
-        self._cuda = self.device == "cuda"
+        #: float16 autocast (CUDA only); a benchmark may turn it off to compare.
+        self.amp = self.device == "cuda"
         # BatchNorm folded into the convolutions and channels_last on every device
         # (faster with oneDNN on CPU too; only the class head is ever back-propagated).
         model = fuse_batchnorm(model).to(self.device)
@@ -262,7 +263,7 @@ class Predictor:
             xb = xb.contiguous(memory_format=torch.channels_last)
             with (
                 torch.inference_mode(),
-                torch.autocast(device_type=self.device, dtype=torch.float16, enabled=self._cuda),
+                torch.autocast(device_type=self.device, dtype=torch.float16, enabled=self.amp),
             ):
                 out = self.model(xb)
                 probs[start : start + xb.shape[0]] = torch.sigmoid(out["cls"].float()).cpu().numpy()

@@ -1,0 +1,50 @@
+"""The GPU benchmark's report: written from the saved measurement on a machine
+without a GPU, and refused (not faked) when asked to measure without one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import cuda, run_all
+from bench.common import REPO
+
+SAVED = REPO / "bench" / "results" / "cuda.json"
+
+
+def test_saved_measurement_renders_its_section(tmp_path: Path) -> None:
+    report = json.loads(SAVED.read_text())
+    text = cuda.render(report)
+    e2e = report["end_to_end"]
+    assert report["gpu"] in text
+    assert f"{e2e['median_s']:.3f} s" in text
+    # one table row per (precision, batch size) measured
+    rows = [line for line in text.splitlines() if line.startswith(("| float16", "| float32"))]
+    assert len(rows) == len(report["network_sweep"]["rows"]) == 2 * len(cuda.BATCH_SIZES)
+    row = run_all.cuda_row(report)
+    assert row is not None and report["gpu"] in row and f"{e2e['median_s']:.3f}" in row
+    assert run_all.cuda_row(None) is None
+
+
+def test_report_flag_rewrites_the_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# Benchmarks\n\n<!-- cuda:start -->\nold\n<!-- cuda:end -->\n")
+    real = cuda.write_benchmark_section
+    monkeypatch.setattr(cuda, "write_benchmark_section",
+                        lambda name, body: real(name, body, target))
+    assert cuda.main(["--report", str(SAVED)]) == 0
+    text = target.read_text()
+    assert "old" not in text and "Inference on a GPU (CUDA)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_measuring_without_a_gpu_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cuda.json"
+    assert cuda.main(["--json", str(out)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().out
+    assert not out.exists()
