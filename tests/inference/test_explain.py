@@ -34,10 +34,9 @@ def predictor() -> Predictor:
 
 @pytest.mark.parametrize("subtype", ["intraparenchymal", "intraventricular"])
 def test_gradcam_points_at_the_bleed(predictor: Predictor, subtype: str) -> None:
-    # Four held-out heads: the map's peak lies at the bleed in every one, and the
-    # map is clearly brighter around the bleed than over the rest of the head in
-    # most (bundled weights s20261201.4800: ratios 0.85-3.24, peaks 8 of 8).
-    brighter = 0
+    # Four held-out heads: in every one the map's peak lies at the bleed and the
+    # map is far brighter around the bleed than over the rest of the head
+    # (bundled weights s20261127.3800: peaks 8 of 8, mean ratios 46 to 4,700).
     for seed in (1000010, 1000012, 1000013, 1000014):
         case = generate_case(seed, n_slices=12, matrix=256, subtypes=(subtype,),
                              slice_thickness=5.0)
@@ -56,8 +55,7 @@ def test_gradcam_points_at_the_bleed(predictor: Predictor, subtype: str) -> None
         assert near[peak], (seed, peak)
         inside = float(cam[k][near].mean())
         outside = float(cam[k][head & ~near].mean())
-        brighter += inside > 1.5 * outside
-    assert brighter >= 3
+        assert inside > 5.0 * outside, (seed, inside, outside)
 
 
 def test_no_map_without_explain(predictor: Predictor) -> None:

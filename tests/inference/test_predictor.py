@@ -28,7 +28,7 @@ from tests.interop import REAL_5MM, REAL_TILT, require_real_data
 
 REPO = Path(__file__).resolve().parents[2]
 #: A slice of the reserved test seeds, never used in training or validation.
-DICE_FLOOR = 0.75  # the target; measured 0.805 on these seeds (weights s20261201.4800)
+DICE_FLOOR = 0.75  # the target; measured 0.874 on these seeds (weights s20261127.3800)
 HELD_OUT = range(int(TEST_SEEDS.split(":")[0]) + 100, int(TEST_SEEDS.split(":")[0]) + 140)
 
 
@@ -43,26 +43,39 @@ def _case(seed: int, subtypes: tuple[str, ...], n_slices: int = 16):  # type: ig
     return case, phantom_volume(case.hu, case.spacing, f"t{seed}")
 
 
-# The subtypes the bundled weights find reliably (held-out AUC >= 0.95); subdural
-# and epidural are below target (see docs/MODEL_CARD.md).
-@pytest.mark.parametrize(("seed", "subtype"), [(1000001, "intraparenchymal"),
-                                               (1000012, "intraventricular"),
-                                               (1000001, "subarachnoid")])
-def test_finds_the_bleed_and_its_subtype(predictor: Predictor, seed: int, subtype: str) -> None:
-    case, volume = _case(seed, (subtype,))
-    findings = predictor.predict(volume, explain=False)
-    assert findings.hemorrhage_present
-    assert findings.subtypes[subtype].present
+#: Six held-out heads (16 slices of 5 mm) with one bleed of a given subtype.
+FIND_SEEDS = (1000001, 1000012, 1000023, 1000034, 1000045, 1000056)
+#: How many of them the bundled weights must find (weights s20261127.3800 found all
+#: six of every subtype but subarachnoid, 4 of 6: thin sulcal blood on 5-mm slices).
+MUST_FIND = {"intraparenchymal": 6, "intraventricular": 6, "subarachnoid": 4,
+             "subdural": 6, "epidural": 6}
+
+
+@pytest.mark.parametrize("subtype", SUBTYPES)
+def test_finds_bleeds_of_each_subtype_and_outlines_them(
+    predictor: Predictor, subtype: str
+) -> None:
     i = SUBTYPES.index(subtype)
-    assert findings.masks.shape == (5, 16, 256, 256) and findings.masks.dtype == bool
-    # volume from the true voxel size, and close to the painted bleed
-    voxel_ml = float(np.prod(case.spacing)) / 1000.0
-    assert findings.subtypes[subtype].volume_ml == pytest.approx(
-        findings.masks[i].sum() * voxel_ml)
-    truth_ml = float(case.labels[i].sum()) * voxel_ml
-    assert findings.subtypes[subtype].volume_ml == pytest.approx(truth_ml, rel=0.5)
-    overlap = (findings.masks[i] & case.labels[i]).sum() / max(1, case.labels[i].sum())
-    assert overlap > 0.5
+    found, overlaps, ratios = 0, [], []
+    for seed in FIND_SEEDS:
+        case, volume = _case(seed, (subtype,))
+        findings = predictor.predict(volume, explain=False)
+        assert findings.masks.shape == (5, 16, 256, 256) and findings.masks.dtype == bool
+        # volume from the true voxel size of the mask that is reported
+        voxel_ml = float(np.prod(case.spacing)) / 1000.0
+        assert findings.subtypes[subtype].volume_ml == pytest.approx(
+            findings.masks[i].sum() * voxel_ml)
+        if not (findings.hemorrhage_present and findings.subtypes[subtype].present):
+            assert not findings.masks[i].any()  # no outline without the finding
+            continue
+        found += 1
+        truth = case.labels[i]
+        overlaps.append((findings.masks[i] & truth).sum() / max(1, truth.sum()))
+        ratios.append(findings.subtypes[subtype].volume_ml / (float(truth.sum()) * voxel_ml))
+    assert found >= MUST_FIND[subtype], found
+    # the outlines cover the painted bleed, and the volumes are close to it
+    assert float(np.median(overlaps)) > 0.6, overlaps
+    assert 0.67 < float(np.median(ratios)) < 1.5, ratios
     assert findings.model_version and len(findings.weights_sha256) == 64
     assert set(findings.thresholds) == set(CLASSES)
 
@@ -105,26 +118,20 @@ def test_masks_follow_a_non_square_source_matrix(predictor: Predictor) -> None:
 def test_held_out_metrics(predictor: Predictor) -> None:
     """The bundled weights on 40 reserved test seeds (about one minute).
 
-    ``any``, intraparenchymal, intraventricular and the Dice are held to the
-    project targets (AUC 0.98 / 0.95, sensitivity 0.95, Dice 0.75); subdural and
-    epidural to what the bundled weights reach with a margin, BELOW the target
-    (subtype AUC 0.95), see docs/MODEL_CARD.md. Subarachnoid (one positive
-    among these seeds) is not bounded here. Raise the bounds when better
-    weights are bundled.
+    ``any`` and every subtype present among these seeds are held to the project
+    targets (AUC 0.98 / 0.95, sensitivity 0.95, Dice 0.75); subarachnoid (one
+    positive among these seeds) is not bounded here. The full test set is in
+    docs/MODEL_CARD.md.
     """
     items = (phantom_case(seed, n_slices=16) for seed in HELD_OUT)
     results = collect(predictor, items)
     metrics = compute_metrics(results)["series"]
-    assert metrics["any"].auc >= 0.98  # measured 1.0 (weights s20261201.4800)
+    assert metrics["any"].auc >= 0.98  # measured 1.0 (weights s20261127.3800)
     assert metrics["any"].sensitivity >= 0.95  # measured 1.0
-    for name, floor in (
-        ("intraparenchymal", 0.95),  # measured 1.0
-        ("intraventricular", 0.95),  # measured 1.0
-        ("subdural", 0.85),  # measured 0.874
-        ("epidural", 0.90),  # measured 0.947
-    ):
+    # measured: intraparenchymal, intraventricular and epidural 1.0, subdural 0.983
+    for name in ("intraparenchymal", "intraventricular", "subdural", "epidural"):
         assert results.series_labels[:, CLASSES.index(name)].any(), name
-        assert metrics[name].auc >= floor, name
+        assert metrics[name].auc >= 0.95, name
     assert mean_dice(results.dice) >= DICE_FLOOR
 
 
