@@ -208,6 +208,14 @@ def test_cuda_matches_cpu(predictor: Predictor) -> None:
     gpu = Predictor(device="cuda").predict(volume)
     assert gpu.hemorrhage_present == cpu.hemorrhage_present
     assert gpu.hemorrhage_probability == pytest.approx(cpu.hemorrhage_probability, abs=0.02)
+    for a, b in zip(cpu.slices, gpu.slices, strict=True):
+        assert b.probabilities == pytest.approx(a.probabilities, abs=0.02)
+    # float16 on the GPU moves only pixels at the edge of the masks
+    i = SUBTYPES.index("intraparenchymal")
+    both = (cpu.masks[i] & gpu.masks[i]).sum()
+    assert 2 * both / (cpu.masks[i].sum() + gpu.masks[i].sum()) > 0.95
+    assert gpu.gradcam is not None and cpu.gradcam is not None
+    assert np.abs(gpu.gradcam - cpu.gradcam).max() < 0.05
 
 
 def test_masks_equal_a_full_resolution_threshold_of_the_logits() -> None:

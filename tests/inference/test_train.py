@@ -133,6 +133,19 @@ def test_loading_processes_change_nothing_but_speed(tmp_path: Path) -> None:
     assert here["training"]["val_auc"] == pytest.approx(workers["training"]["val_auc"], nan_ok=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_training_writes_usable_weights(tmp_path: Path) -> None:
+    # The path the bundled weights were trained on: cache, augmentation and noise
+    # on the GPU, bfloat16 autocast, cases from worker processes.
+    path = train(_args(tmp_path, "--device", "cuda", "--precision", "bf16", "--workers", "2"))
+    ckpt, _ = read_weights(path)
+    for key, value in ckpt["state_dict"].items():
+        assert value.device.type == "cpu", key
+        if value.is_floating_point():
+            assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    assert Predictor(path, device="cuda").config.input_size == 64
+
+
 def test_resume_without_checkpoint_and_overlapping_seeds_are_refused(tmp_path: Path) -> None:
     from inference.datasets import DatasetError
 
