@@ -596,6 +596,8 @@ def train(args: argparse.Namespace) -> Path:
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     start_step = 0
+    command = shlex.join(["ichnode", "train", *_cli_argv()])
+    started_with: str | None = None  # the command of the run a resumed run continues
     ckpt_path = _checkpoint_path(args)
     if args.resume:
         if not ckpt_path.is_file():
@@ -604,6 +606,7 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        started_with = str(state.get("command", "")) or None
         logger.info("resumed from %s at step %d", ckpt_path, start_step)
     logger.info(
         "network: %d parameters, input %d px, device %s", count_parameters(model),
@@ -614,7 +617,7 @@ def train(args: argparse.Namespace) -> Path:
     if start_step >= args.steps:
         # Resumed at its last step: only the validation and the weights file are left.
         logger.info("checkpoint is at step %d of %d: validation only", start_step, args.steps)
-        return finish(args, model, config, val_items)
+        return finish(args, model, config, val_items, command, started_with)
     cache_size = max(1, args.cache_cases)
     refresh = max(1, args.refresh_every)
     drawn_at_start = start_step // refresh
@@ -684,20 +687,20 @@ def train(args: argparse.Namespace) -> Path:
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1)
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, started_with or command)
             now = time.monotonic()
             rate = (step + 1 - timer[1]) / max(now - timer[0], 1e-9)
             timer = (now, step + 1)
             logger.info("step %d loss %.4f, %.2f steps/s (checkpoint)", step + 1, last_loss, rate)
         if args.stop_at and step + 1 >= args.stop_at:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1)
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, started_with or command)
             progress.close()
             cases.close()
             logger.info("stopped at step %d; continue with --resume", step + 1)
             return ckpt_path
     progress.close()
     cases.close()  # stops the loading processes before the validation starts its own
-    return finish(args, model, config, val_items)
+    return finish(args, model, config, val_items, command, started_with)
 
 
 def _to_device(case: TrainCase, device: str) -> TrainCase:
@@ -728,14 +731,15 @@ def _progress(args: argparse.Namespace, start: int) -> Any:
 
 
 def _save_checkpoint(
-    path: Path, model: HemorrhageNet, optimizer: torch.optim.Optimizer, step: int
+    path: Path, model: HemorrhageNet, optimizer: torch.optim.Optimizer, step: int, command: str
 ) -> None:
+    """Model, optimiser and step, with the command that started the run."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-               tmp)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "command": command}, tmp)
     os.replace(tmp, path)
 
 
@@ -744,8 +748,14 @@ def finish(
     model: HemorrhageNet,
     config: Any,
     val_items: Callable[[], Iterator[LabelledVolume]],
+    command: str,
+    started_with: str | None = None,
 ) -> Path:
-    """Pick thresholds on the validation set and write the weights file."""
+    """Pick thresholds on the validation set and write the weights file.
+
+    The weights record ``command``; for a resumed run, the command that started
+    the run (``started_with``, from the checkpoint) and this one as ``resumed_with``.
+    """
     import torch
 
     from config import ICHNODE_VERSION
@@ -755,7 +765,7 @@ def finish(
     model.eval()
     version = args.version or f"{ICHNODE_VERSION}+{args.data}.s{args.seed}.{args.steps}"
     training = {
-        "command": shlex.join(["ichnode", "train", *_cli_argv()]),
+        "command": started_with or command,
         "seed": int(args.seed),
         "data": args.data,
         "steps": int(args.steps),
@@ -765,6 +775,8 @@ def finish(
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch": str(torch.__version__),
     }
+    if args.resume:
+        training["resumed_with"] = command
     provisional = make_checkpoint(
         model.cpu(), thresholds=dict.fromkeys(CLASSES, 0.5), version=version, training=training
     )

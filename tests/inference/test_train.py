@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +60,22 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     straight = train(_args(tmp_path / "a"))
+    monkeypatch.setattr(sys, "argv", ["ichnode", "train", "--stop-at", "2"])
     stopped = train(_args(tmp_path / "b", "--stop-at", "2"))
     assert stopped.name == "checkpoint.pt"
     assert not (tmp_path / "b" / "w.pt").exists()
     assert int(torch.load(stopped, weights_only=True)["step"]) == 2
+    monkeypatch.setattr(sys, "argv", ["ichnode", "train", "--resume"])
     resumed = train(_args(tmp_path / "b", "--resume"))
     a, _ = read_weights(straight)
     b, _ = read_weights(resumed)
+    # the weights name the command that started the run, and the one that resumed it
+    assert b["training"]["command"] == "ichnode train --stop-at 2"
+    assert b["training"]["resumed_with"] == "ichnode train --resume"
+    assert "resumed_with" not in a["training"]
     for key, value in a["state_dict"].items():
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-5), key
     assert a["thresholds"] == pytest.approx(b["thresholds"])
