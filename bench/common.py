@@ -8,8 +8,11 @@ import platform
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -164,3 +167,44 @@ def write_benchmark_section(name: str, body: str, path: Path | None = None) -> N
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     target.write_text(text)
+
+
+def time_end_to_end(
+    predictor: Any, runs: int, n_slices: int, matrix: int, sync: Callable[[], None] = lambda: None
+) -> tuple[list[float], dict[str, float], Any]:
+    """Time a phantom series from DICOM files to findings with Grad-CAM.
+
+    Writes an ``n_slices`` x ``matrix`` phantom series (one intraparenchymal bleed,
+    5 mm) to a temporary folder, then ``runs`` + 1 times: ``read_series``,
+    ``load_volume``, ``predictor.predict``; the first run warms caches and is not
+    counted. ``sync`` waits for the device before each clock reading (CUDA).
+    Returns the counted totals, the stages of the last run and its findings.
+    """
+    from inference.phantom import generate_case, write_series
+    from inference.volume import load_volume, read_series
+
+    case = generate_case(7, n_slices=n_slices, matrix=matrix, subtypes=("intraparenchymal",),
+                         slice_thickness=5.0)
+    totals: list[float] = []
+    stages: dict[str, float] = {}
+    findings = None
+    with tempfile.TemporaryDirectory() as tmp:
+        write_series(case, Path(tmp))
+        for run in range(runs + 1):
+            sync()
+            t0 = time.perf_counter()
+            groups, _ = read_series([Path(tmp)])
+            t1 = time.perf_counter()
+            volume = load_volume(next(iter(groups.values())))
+            t2 = time.perf_counter()
+            findings = predictor.predict(volume, explain=True)
+            sync()
+            t3 = time.perf_counter()
+            if run:
+                totals.append(t3 - t0)
+                stages = {"read_series_s": t1 - t0, "load_volume_s": t2 - t1,
+                          "predict_with_gradcam_s": t3 - t2}
+    if not totals:
+        raise ValueError("runs must be at least 1")
+    return totals, stages, findings
+

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, machine, write_benchmark_section
+from bench.common import REPO, machine, time_end_to_end, write_benchmark_section
 
 N_SLICES = 40
 SWEEP_SLICES = 160
@@ -36,36 +35,14 @@ def measure(runs: int) -> dict[str, Any]:
     """Run the measurements on the GPU; return the report."""
     import torch
 
-    from inference.phantom import generate_case, write_series
+    from inference.phantom import generate_case
     from inference.predictor import Predictor
-    from inference.volume import load_volume, read_series
 
     predictor = Predictor(device="cuda")
     default_batch = predictor.batch_size
 
-    def sync() -> None:
-        torch.cuda.synchronize()
-
-    case = generate_case(7, n_slices=N_SLICES, matrix=MATRIX, subtypes=("intraparenchymal",),
-                         slice_thickness=5.0)
-    totals: list[float] = []
-    stages: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        write_series(case, Path(tmp))
-        for run in range(runs + 1):
-            sync()
-            t0 = time.perf_counter()
-            groups, _ = read_series([Path(tmp)])
-            t1 = time.perf_counter()
-            volume = load_volume(next(iter(groups.values())))
-            t2 = time.perf_counter()
-            findings = predictor.predict(volume, explain=True)
-            sync()
-            t3 = time.perf_counter()
-            if run:
-                totals.append(t3 - t0)
-                stages = {"read_series_s": t1 - t0, "load_volume_s": t2 - t1,
-                          "predict_with_gradcam_s": t3 - t2}
+    sync = torch.cuda.synchronize
+    totals, stages, findings = time_end_to_end(predictor, runs, N_SLICES, MATRIX, sync)
     big = generate_case(8, n_slices=SWEEP_SLICES, matrix=MATRIX,
                         subtypes=("subdural",), slice_thickness=1.0).hu
     sweep = []

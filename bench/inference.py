@@ -13,16 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-from bench.common import REPO, machine, write_benchmark_section
-from inference.phantom import generate_case, write_series
+from bench.common import REPO, machine, time_end_to_end, write_benchmark_section
 from inference.predictor import Predictor
-from inference.volume import load_volume, read_series
 
 TARGET_S = 3.0
 N_SLICES = 40
@@ -36,24 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     predictor = Predictor(device=args.device)
-    case = generate_case(7, n_slices=N_SLICES, matrix=MATRIX, subtypes=("intraparenchymal",),
-                         slice_thickness=5.0)
-    totals: list[float] = []
-    stages: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        write_series(case, Path(tmp))
-        for run in range(args.runs + 1):  # the first run warms caches and is not counted
-            t0 = time.perf_counter()
-            groups, _ = read_series([Path(tmp)])
-            t1 = time.perf_counter()
-            volume = load_volume(next(iter(groups.values())))
-            t2 = time.perf_counter()
-            findings = predictor.predict(volume, explain=True)
-            t3 = time.perf_counter()
-            if run:
-                totals.append(t3 - t0)
-                stages = {"read_series_s": t1 - t0, "load_volume_s": t2 - t1,
-                          "predict_with_gradcam_s": t3 - t2}
+    totals, stages, findings = time_end_to_end(predictor, args.runs, N_SLICES, MATRIX)
     median = statistics.median(totals)
     info = machine()
     report = {
