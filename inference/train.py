@@ -199,19 +199,11 @@ class CaseStream:
             self._perm = (epoch, rng.permutation(len(self.keys)))
         return self.keys[int(self._perm[1][pos])]
 
-    def items(self, start: int) -> Iterator[LabelledVolume]:
-        """Loaded items from index ``start`` on, skipping those the loader rejects."""
-        index = start
-        while True:
-            item = self.loader(self.key(index))
-            index += 1
-            if item is not None:
-                yield item
-
     def cases(
         self, start: int, size: int, workers: int = 0
     ) -> Generator[TrainCase, None, None]:
-        """Items from index ``start`` on as :class:`TrainCase` at ``size`` pixels.
+        """Items from index ``start`` on as :class:`TrainCase` at ``size`` pixels,
+        skipping those the loader rejects.
 
         With ``workers`` > 0 they are loaded and resampled in that many processes,
         a few items ahead, and still yielded in index order: the sequence is the
