@@ -125,6 +125,28 @@ def _assert_no_streamlit_error(page: Any) -> None:
     assert "Traceback" not in page.inner_text("body")
 
 
+def _open_options(page: Any, combobox: str, tries: int = 4) -> Any:
+    """Open a select box and return its options.
+
+    The worklist fragment re-runs every few seconds; a click that lands while it
+    re-renders can leave the list closed, so the click is tried again (a list
+    that never opens still fails after ``tries`` attempts).
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    options = page.get_by_role("option")
+    for attempt in range(tries):
+        page.get_by_role("combobox", name=combobox).click()
+        try:
+            options.first.wait_for(timeout=10_000)
+            return options
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
+            page.keyboard.press("Escape")
+    return options
+
+
 def _colour_pixels(png: bytes, colour: tuple[int, int, int]) -> int:
     """Pixels whose chroma points the way of ``colour`` (robust to blending and scaling)."""
     from PIL import Image
@@ -271,9 +293,7 @@ def test_worklist_refreshes_itself(tmp_path: Path) -> None:
                 # no reload: the worklist fragment picks it up on its own
                 page.get_by_text("2 of 2 series", exact=False).wait_for(timeout=30_000)
                 # the selection is kept; the new series is among the choices, listed first
-                page.get_by_role("combobox", name="Series").click()
-                options = page.get_by_role("option")
-                options.first.wait_for()
+                options = _open_options(page, "Series")
                 assert options.first.inner_text().startswith("LATER · 2026-01-02")
                 assert options.nth(1).inner_text().startswith("FIRST · 2026-01-01")
                 _assert_no_streamlit_error(page)
