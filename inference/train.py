@@ -235,10 +235,10 @@ def _worker_init() -> None:
 
 
 def prefetched(
-    fn: Callable[[Any], Any], keys: Iterable[Any], workers: int, depth: int = 0
+    fn: Callable[[Any], Any], keys: Iterable[Any], workers: int
 ) -> Generator[Any, None, None]:
     """``fn(key)`` for each key, in order; computed in ``workers`` spawned processes
-    (at most ``depth``, default 3 x workers, ahead) or here when ``workers`` is 0.
+    (at most 3 x workers ahead) or here when ``workers`` is 0.
 
     ``fn`` must be picklable. Spawned rather than forked processes: the parent may
     hold a CUDA context, which a forked child cannot use or safely inherit.
@@ -249,7 +249,7 @@ def prefetched(
         return
     import multiprocessing
 
-    depth = depth or 3 * workers
+    depth = 3 * workers
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
         pending: deque[Any] = deque()
         for key in keys:
@@ -589,7 +589,7 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     start_step = 0
     command = shlex.join(["ichnode", "train", *_cli_argv()])
-    started_with: str | None = None  # the command of the run a resumed run continues
+    started_with = command  # a resumed run: the command that started it, from the checkpoint
     ckpt_path = _checkpoint_path(args)
     if args.resume:
         if not ckpt_path.is_file():
@@ -598,7 +598,7 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
-        started_with = str(state.get("command", "")) or None
+        started_with = str(state.get("command", "")) or command
         logger.info("resumed from %s at step %d", ckpt_path, start_step)
     logger.info(
         "network: %d parameters, input %d px, device %s", count_parameters(model),
@@ -609,7 +609,7 @@ def train(args: argparse.Namespace) -> Path:
     if start_step >= args.steps:
         # Resumed at its last step: only the validation and the weights file are left.
         logger.info("checkpoint is at step %d of %d: validation only", start_step, args.steps)
-        return finish(args, model, config, val_items, command, started_with)
+        return finish(args, model, config, val_items, started_with, command)
     cache_size = max(1, args.cache_cases)
     refresh = max(1, args.refresh_every)
     drawn_at_start = start_step // refresh
@@ -679,20 +679,20 @@ def train(args: argparse.Namespace) -> Path:
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1, started_with or command)
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, started_with)
             now = time.monotonic()
             rate = (step + 1 - timer[1]) / max(now - timer[0], 1e-9)
             timer = (now, step + 1)
             logger.info("step %d loss %.4f, %.2f steps/s (checkpoint)", step + 1, last_loss, rate)
         if args.stop_at and step + 1 >= args.stop_at:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1, started_with or command)
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, started_with)
             progress.close()
             cases.close()
             logger.info("stopped at step %d; continue with --resume", step + 1)
             return ckpt_path
     progress.close()
     cases.close()  # stops the loading processes before the validation starts its own
-    return finish(args, model, config, val_items, command, started_with)
+    return finish(args, model, config, val_items, started_with, command)
 
 
 def _to_device(case: TrainCase, device: str) -> TrainCase:
@@ -740,13 +740,13 @@ def finish(
     model: HemorrhageNet,
     config: Any,
     val_items: Callable[[], Iterator[LabelledVolume]],
+    started_with: str,
     command: str,
-    started_with: str | None = None,
 ) -> Path:
     """Pick thresholds on the validation set and write the weights file.
 
-    The weights record ``command``; for a resumed run, the command that started
-    the run (``started_with``, from the checkpoint) and this one as ``resumed_with``.
+    The weights record the command that started the run (``started_with``) and,
+    for a resumed run, this process's ``command`` as ``resumed_with``.
     """
     import torch
 
@@ -757,7 +757,7 @@ def finish(
     model.eval()
     version = args.version or f"{ICHNODE_VERSION}+{args.data}.s{args.seed}.{args.steps}"
     training = {
-        "command": started_with or command,
+        "command": started_with,
         "seed": int(args.seed),
         "data": args.data,
         "steps": int(args.steps),
