@@ -125,26 +125,34 @@ def _assert_no_streamlit_error(page: Any) -> None:
     assert "Traceback" not in page.inner_text("body")
 
 
-def _open_options(page: Any, combobox: str, tries: int = 4) -> Any:
-    """Open a select box and return its options.
+def _option_texts(page: Any, combobox: str, count: int, timeout_s: float = 60.0) -> list[str]:
+    """The options of a select box once it lists ``count`` of them (or the last seen).
 
-    The worklist fragment re-runs every few seconds; a click that lands while it
-    re-renders can leave the list closed, so the click is tried again (a list
-    that never opens still fails after ``tries`` attempts).
+    When the worklist fragment re-runs with new choices, Streamlit replaces the
+    select box, which closes a list that is open. Under load the caption of that
+    re-run can show before the new box does, so a click may open the old list
+    just before it goes. The texts are therefore read in one step while the list
+    is open, and the box is opened again until it lists ``count`` options or
+    ``timeout_s`` passes; the caller's assertions judge what was seen last.
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     options = page.get_by_role("option")
-    for attempt in range(tries):
+    texts: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         page.get_by_role("combobox", name=combobox).click()
         try:
-            options.first.wait_for(timeout=10_000)
-            return options
+            options.first.wait_for(timeout=5_000)
         except PlaywrightTimeout:
-            if attempt == tries - 1:
-                raise
-            page.keyboard.press("Escape")
-    return options
+            pass
+        seen = options.all_inner_texts()
+        texts = seen or texts
+        page.keyboard.press("Escape")
+        if len(seen) >= count:
+            break
+        page.wait_for_timeout(500)
+    return texts
 
 
 def _colour_pixels(png: bytes, colour: tuple[int, int, int]) -> int:
@@ -293,9 +301,12 @@ def test_worklist_refreshes_itself(tmp_path: Path) -> None:
                 # no reload: the worklist fragment picks it up on its own
                 page.get_by_text("2 of 2 series", exact=False).wait_for(timeout=30_000)
                 # the selection is kept; the new series is among the choices, listed first
-                options = _open_options(page, "Series")
-                assert options.first.inner_text().startswith("LATER · 2026-01-02")
-                assert options.nth(1).inner_text().startswith("FIRST · 2026-01-01")
+                texts = _option_texts(page, "Series", count=2)
+                assert len(texts) == 2, texts
+                assert texts[0].startswith("LATER · 2026-01-02"), texts
+                assert texts[1].startswith("FIRST · 2026-01-01"), texts
+                chosen = page.get_by_role("combobox", name="Series").input_value()
+                assert chosen.startswith("FIRST · 2026-01-01"), chosen
                 _assert_no_streamlit_error(page)
             finally:
                 browser.close()
