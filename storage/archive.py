@@ -104,6 +104,9 @@ def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
 
 _datasync = getattr(os, "fdatasync", os.fsync)
 
+#: The folder (inside ``<root>/dicom``) of files still being written.
+INCOMING = ".incoming"
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -126,6 +129,10 @@ class Archive:
         self.root = Path(root)
         self.dicom_root = self.root / "dicom"
         self.dicom_root.mkdir(parents=True, exist_ok=True)
+        # Files being written live here until renamed into their series folder:
+        # inside the archive, so the rename stays on one file system, and in one
+        # folder, so tidying after a crash never walks the whole archive.
+        self.incoming = self.dicom_root / INCOMING
         # Folders already known to exist and be durable (their parent fsynced).
         self._known_dirs: set[Path] = set()
 
@@ -191,10 +198,13 @@ class Archive:
         final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid)
         header = PREAMBLE + encode_file_meta(file_meta)
         folder = final.parent
-        # Unique per instance and thread: two associations sending the same
-        # instance at once never share a temporary file.
-        tmp = folder / f".incoming-{sop_instance_uid}-{threading.get_ident()}.tmp"
+        # Unique per instance, process and thread: two associations sending the
+        # same instance at once never share a temporary file.
+        tmp = self.incoming / (
+            f".incoming-{sop_instance_uid}-{os.getpid()}-{threading.get_ident()}.tmp"
+        )
         try:
+            self._ensure_dir(self.incoming)
             self._ensure_dir(folder)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
@@ -250,9 +260,12 @@ class Archive:
         return sorted(found)
 
     def cleanup_incoming(self) -> int:
-        """Remove temporary files left by a crash mid-write; return how many."""
+        """Remove temporary files left by a crash mid-write; return how many.
+
+        Only the incoming folder is read, so the cost does not grow with the archive.
+        """
         count = 0
-        for tmp in self.dicom_root.rglob(".incoming-*.tmp"):
+        for tmp in self.incoming.glob(".incoming-*.tmp"):
             tmp.unlink(missing_ok=True)
             count += 1
         if count:

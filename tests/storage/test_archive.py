@@ -43,8 +43,11 @@ def test_store_writes_the_bytes_at_the_uid_path(tmp_path: Path) -> None:
     assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert back.SOPInstanceUID == ds.SOPInstanceUID
     assert back.PixelData == ds.PixelData
-    # no temporary file is left behind
+    # no temporary file is left behind, in the series folder or the incoming one
     assert [p.name for p in expected.parent.iterdir()] == [expected.name]
+    assert archive.incoming.is_dir() and not any(archive.incoming.iterdir())
+    # recovery scans see the instance and nothing of the incoming folder
+    assert archive.files_changed_since(0) == [expected]
 
 
 def test_store_again_replaces_the_file(tmp_path: Path) -> None:
@@ -95,17 +98,26 @@ def test_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
             dataset_bytes(ds),
         )
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+    assert not any(archive.incoming.iterdir())
 
 
 def test_cleanup_incoming_removes_leftovers(tmp_path: Path) -> None:
     archive = Archive(tmp_path)
-    leftover = tmp_path / "dicom" / "1.2" / "1.2.3" / ".incoming-abc.tmp"
-    leftover.parent.mkdir(parents=True)
-    leftover.write_bytes(b"half")
-    keep = leftover.parent / "1.2.3.4.dcm"
-    keep.write_bytes(b"whole")
-    assert archive.cleanup_incoming() == 1
-    assert not leftover.exists() and keep.exists()
+    assert archive.cleanup_incoming() == 0  # nothing written yet, no folder
+    ds = small_ct()
+    kept = archive.store(
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        _meta(ds.SOPInstanceUID),
+        dataset_bytes(ds),
+    )
+    leftovers = [archive.incoming / f".incoming-1.2.3.{n}-99-7.tmp" for n in (4, 5)]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half")
+    assert archive.cleanup_incoming() == 2
+    assert not any(archive.incoming.iterdir())
+    assert kept.path.read_bytes().endswith(dataset_bytes(ds))
 
 
 def test_remove_refuses_paths_outside_the_archive(tmp_path: Path) -> None:
