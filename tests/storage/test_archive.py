@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
-from storage.archive import Archive, ArchiveError, UnsafeUIDError
+from storage.archive import Archive, ArchiveError, StoredFile, UnsafeUIDError
 from tests.storage.helpers import dataset_bytes, small_ct
 
 
@@ -21,6 +21,17 @@ def _meta(sop_instance_uid: str, source_ae: str = "SCU") -> FileMetaDataset:
     meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.9.7433.1.1")
     meta.SourceApplicationEntityTitle = source_ae
     return meta
+
+
+def _store(archive: Archive, ds: Dataset, source_ae: str = "SCU") -> StoredFile:
+    """Store ``ds`` under its own UIDs, encoded as explicit VR little endian."""
+    return archive.store(
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+        _meta(ds.SOPInstanceUID, source_ae),
+        dataset_bytes(ds),
+    )
 
 
 def test_store_writes_the_bytes_at_the_uid_path(tmp_path: Path) -> None:
@@ -53,21 +64,9 @@ def test_store_writes_the_bytes_at_the_uid_path(tmp_path: Path) -> None:
 def test_store_again_replaces_the_file(tmp_path: Path) -> None:
     archive = Archive(tmp_path)
     ds = small_ct()
-    first = archive.store(
-        ds.StudyInstanceUID,
-        ds.SeriesInstanceUID,
-        ds.SOPInstanceUID,
-        _meta(ds.SOPInstanceUID),
-        dataset_bytes(ds),
-    )
+    first = _store(archive, ds)
     ds.SeriesDescription = "CHANGED"
-    second = archive.store(
-        ds.StudyInstanceUID,
-        ds.SeriesInstanceUID,
-        ds.SOPInstanceUID,
-        _meta(ds.SOPInstanceUID, "OTHER"),
-        dataset_bytes(ds),
-    )
+    second = _store(archive, ds, "OTHER")
     assert first.path == second.path
     assert dcmread(second.path).SeriesDescription == "CHANGED"
     assert len(list(second.path.parent.iterdir())) == 1
@@ -90,13 +89,7 @@ def test_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
     # A non-empty folder where the file should go: the rename must fail.
     (target / "occupied").mkdir(parents=True)
     with pytest.raises(ArchiveError):
-        archive.store(
-            ds.StudyInstanceUID,
-            ds.SeriesInstanceUID,
-            ds.SOPInstanceUID,
-            _meta(ds.SOPInstanceUID),
-            dataset_bytes(ds),
-        )
+        _store(archive, ds)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
     assert not any(archive.incoming.iterdir())
 
@@ -105,13 +98,7 @@ def test_cleanup_incoming_removes_leftovers(tmp_path: Path) -> None:
     archive = Archive(tmp_path)
     assert archive.cleanup_incoming() == 0  # nothing written yet, no folder
     ds = small_ct()
-    kept = archive.store(
-        ds.StudyInstanceUID,
-        ds.SeriesInstanceUID,
-        ds.SOPInstanceUID,
-        _meta(ds.SOPInstanceUID),
-        dataset_bytes(ds),
-    )
+    kept = _store(archive, ds)
     leftovers = [archive.incoming / f".incoming-1.2.3.{n}-99-7.tmp" for n in (4, 5)]
     for leftover in leftovers:
         leftover.write_bytes(b"half")
