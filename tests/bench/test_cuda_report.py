@@ -24,6 +24,12 @@ def test_saved_measurement_renders_its_section(tmp_path: Path) -> None:
     # one table row per (precision, batch size) measured
     rows = [line for line in text.splitlines() if line.startswith(("| float16", "| float32"))]
     assert len(rows) == len(report["network_sweep"]["rows"]) == 2 * len(cuda.BATCH_SIZES)
+    # the saved report holds one run's stage split, and says so with its total
+    last = e2e["last_run_stages_s"]
+    assert f"last run only ({sum(last.values()):.3f} s in all" in text
+    report["end_to_end"] = {**e2e, "median_stages_s": last}
+    del report["end_to_end"]["last_run_stages_s"]
+    assert f"median of the {e2e['runs']} runs each" in cuda.render(report)
     row = run_all.cuda_row(report)
     assert row is not None and report["gpu"] in row and f"{e2e['median_s']:.3f}" in row
     assert run_all.cuda_row(None) is None
