@@ -164,10 +164,15 @@ def inference_row(doc: dict[str, Any] | None) -> str:
     median = doc.get("median_s")
     target = float(doc.get("target_s", INFERENCE_TARGET_S))
     ok = None if median is None else float(median) <= target
+    how = doc.get("device", "?")
+    if doc.get("precision"):
+        how += f", {doc['precision']}"
+    if doc.get("fp32"):
+        how += f"; float32 {_fmt(doc['fp32'].get('median_s'), '{:.2f}')} s"
     return (
         f"| inference, 40x512 series with Grad-CAM (s) | {_fmt(median, '{:.2f}')} "
-        f"| <= {target:g} | {doc.get('slices_per_s', '?')} slices/s on "
-        f"{doc.get('device', '?')} | {_verdict(ok)} | {_date(doc)} |"
+        f"| <= {target:g} | {doc.get('slices_per_s', '?')} slices/s on {how} "
+        f"| {_verdict(ok)} | {_date(doc)} |"
     )
 
 

@@ -124,6 +124,8 @@ class SchedulerSettings(_Section):
 
 class InferenceSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: auto: float16 autocast on CUDA, bfloat16 on CPUs with AMX; fp32: never.
+    precision: Literal["auto", "fp32"] = "auto"
     weights: str = ""
     workers: int = Field(1, ge=1, le=64)
 

@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cq500-dir", type=Path)
     parser.add_argument("--out", type=Path, help="folder for ROC/confusion PNGs and metrics.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32"],
+        default="auto",
+        help="auto: float16 autocast on CUDA, bfloat16 on CPUs with AMX (as the node runs)",
+    )
 
 
 # --- metrics ------------------------------------------------------------------
@@ -418,7 +424,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from inference.predictor import Predictor, WeightsError
 
     try:
-        predictor = Predictor(args.weights or None, device=args.device)
+        predictor = Predictor(args.weights or None, device=args.device, precision=args.precision)
         items: Iterable[LabelledVolume]
         if args.data == "phantom":
             seeds = parse_seeds(args.seeds)
@@ -439,7 +445,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"ichnode evaluate: {exc}", file=sys.stderr)
         return 2
     print(f"model {predictor.model_name} {predictor.model_version} "
-          f"(sha256 {predictor.weights_sha256[:12]}) on {source}: "
+          f"(sha256 {predictor.weights_sha256[:12]}, {predictor.device} "
+          f"{predictor.precision_label}) on {source}: "
           f"{doc['series']} series, {doc['slices']} slices")
     print(table)
     if args.out is not None:

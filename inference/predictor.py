@@ -67,6 +67,34 @@ def resolve_device(device: str) -> str:
     return device
 
 
+#: ``auto``: float16 autocast on CUDA, bfloat16 autocast on CPUs with AMX bfloat16
+#: units, float32 elsewhere; ``fp32``: never autocast (bit-stable across machines).
+PRECISIONS = ("auto", "fp32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (Intel AMX), where autocast pays.
+
+    Elsewhere bfloat16 convolutions are emulated and slower than float32.
+    """
+    import torch
+
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+
+
+def autocast_dtype(device: str, precision: str) -> Any:
+    """The autocast dtype for a resolved ``device`` and ``precision``; None for float32."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or fp32, not {precision!r}")
+    if precision == "fp32":
+        return None
+    if device == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
 #: Ways to pool slice probabilities into a series probability: the maximum, or
 #: the mean of the k highest slices (``top2``, ``top3``), chosen on validation data.
 POOLINGS = ("max", "top2", "top3")
@@ -178,6 +206,9 @@ class Predictor:
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     batch_size : int, optional
         Slices per forward pass (default 16 on CPU, 64 on CUDA).
+    precision : str
+        ``auto`` (float16 autocast on CUDA, bfloat16 on CPUs with AMX, else
+        float32) or ``fp32`` (never autocast).
     """
 
     def __init__(
@@ -186,27 +217,39 @@ class Predictor:
         device: str = "auto",
         *,
         batch_size: int | None = None,
+        precision: str = "auto",
     ) -> None:
         ckpt, sha256 = read_weights(weights)
-        self._setup(ckpt, sha256, device, batch_size)
+        self._setup(ckpt, sha256, device, batch_size, precision)
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: dict[str, Any], device: str = "auto", *, batch_size: int | None = None
+        cls,
+        ckpt: dict[str, Any],
+        device: str = "auto",
+        *,
+        batch_size: int | None = None,
+        precision: str = "auto",
     ) -> Predictor:
         """A predictor from an in-memory checkpoint dict (training's validation)."""
         self = cls.__new__(cls)
-        self._setup(ckpt, "", device, batch_size)
+        self._setup(ckpt, "", device, batch_size, precision)
         return self
 
     def _setup(
-        self, ckpt: dict[str, Any], sha256: str, device: str, batch_size: int | None
+        self,
+        ckpt: dict[str, Any],
+        sha256: str,
+        device: str,
+        batch_size: int | None,
+        precision: str,
     ) -> None:
         import torch
 
         from inference.model import HemorrhageNet, ModelConfig, fuse_batchnorm
 
         self.device = resolve_device(device)
+        dtype = autocast_dtype(self.device, precision)
         try:
             self.config: ModelConfig = ModelConfig.from_dict(dict(ckpt["model_config"]))
             model = HemorrhageNet(self.config)
@@ -225,19 +268,29 @@ class Predictor:
         self.training: dict[str, Any] = dict(ckpt.get("training", {}))
         self.weights_sha256 = sha256
         self.batch_size = batch_size or (64 if self.device == "cuda" else 16)
-        #: float16 autocast (CUDA only); a benchmark may turn it off to compare.
-        self.amp = self.device == "cuda"
+        #: Autocast on (``amp_dtype``: float16 on CUDA, bfloat16 on CPU); a
+        #: benchmark may turn it off to compare.
+        self.amp = dtype is not None
+        self.amp_dtype = dtype if dtype is not None else (
+            torch.float16 if self.device == "cuda" else torch.bfloat16
+        )
         # BatchNorm folded into the convolutions and channels_last on every device
         # (faster with oneDNN on CPU too; only the class head is ever back-propagated).
         model = fuse_batchnorm(model).to(self.device)
         self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         logger.info(
-            "loaded %s %s on %s (sha256 %s)",
+            "loaded %s %s on %s, %s (sha256 %s)",
             self.model_name,
             self.model_version,
             self.device,
+            self.precision_label,
             sha256[:12] or "in memory",
         )
+
+    @property
+    def precision_label(self) -> str:
+        """``float32``, or the autocast dtype in use (``bfloat16 autocast``)."""
+        return f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp else "float32"
 
     def run(self, hu: np.ndarray, *, explain: bool = True) -> RawPrediction:
         """Run the network on a (z, y, x) HU array (a 2D array is one slice)."""
@@ -263,7 +316,7 @@ class Predictor:
             xb = xb.contiguous(memory_format=torch.channels_last)
             with (
                 torch.inference_mode(),
-                torch.autocast(device_type=self.device, dtype=torch.float16, enabled=self.amp),
+                torch.autocast(device_type=self.device, dtype=self.amp_dtype, enabled=self.amp),
             ):
                 out = self.model(xb)
                 probs[start : start + xb.shape[0]] = torch.sigmoid(out["cls"].float()).cpu().numpy()

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--weights", default="", help="weights file (default: bundled)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32"],
+        help="auto: float16 autocast on CUDA, bfloat16 on CPUs with AMX",
+    )
 
     p = sub.add_parser("studies", help="list what the index holds")
     p.add_argument("--config")

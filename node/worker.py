@@ -441,7 +441,9 @@ def worker_main(
     settings = Settings(**settings_data)
     try:
         predictor = Predictor(
-            weights=settings.inference.weights or None, device=settings.inference.device
+            weights=settings.inference.weights or None,
+            device=settings.inference.device,
+            precision=settings.inference.precision,
         )
     except (WeightsError, ValueError, OSError) as exc:
         logger.error("worker cannot load the model: %s", exc)

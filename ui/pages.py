@@ -71,11 +71,11 @@ def get_index(settings: Settings) -> Index:
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def get_predictor(weights: str, device: str) -> Predictor:
-    """The predictor, loaded once per (weights, device) for every session."""
+def get_predictor(weights: str, device: str, precision: str = "auto") -> Predictor:
+    """The predictor, loaded once per (weights, device, precision) for every session."""
     from inference.predictor import Predictor
 
-    return Predictor(weights or None, device=device)
+    return Predictor(weights or None, device=device, precision=precision)
 
 
 @st.cache_resource(show_spinner=False)
@@ -112,11 +112,16 @@ def _node_series(
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _explanation(
-    uid: str, signature: tuple[Any, ...], weights: str, device: str, _data: ViewerData
+    uid: str,
+    signature: tuple[Any, ...],
+    weights: str,
+    device: str,
+    precision: str,
+    _data: ViewerData,
 ) -> tuple[np.ndarray, np.ndarray]:
     if _data.volume is None:
         raise ValueError("the source volume of this series is not loaded")
-    predictor = get_predictor(weights, device)
+    predictor = get_predictor(weights, device, precision)
     with model_lock():
         findings = predictor.predict(_data.volume, explain=True)
     probabilities = slice_probability_array(findings.slices, list(_data.sop_instance_uids))
@@ -290,8 +295,9 @@ def viewer_page(settings: Settings) -> None:
 
     def explain() -> tuple[np.ndarray, np.ndarray] | None:
         try:
+            inference = settings.inference
             return _explanation(
-                uid, signature, settings.inference.weights, settings.inference.device, data
+                uid, signature, inference.weights, inference.device, inference.precision, data
             )
         except (ValueError, RuntimeError) as exc:  # WeightsError is a ValueError
             st.error(f"The model cannot run here: {exc}")
@@ -331,7 +337,8 @@ def upload_page(settings: Settings) -> None:
     stored = st.session_state.get("upload-result")
     if stored is None or stored[0] != signature:
         try:
-            predictor = get_predictor(settings.inference.weights, settings.inference.device)
+            inference = settings.inference
+            predictor = get_predictor(inference.weights, inference.device, inference.precision)
         except (ValueError, RuntimeError) as exc:  # WeightsError is a ValueError
             st.error(f"The model cannot be loaded: {exc}")
             return

@@ -1,4 +1,5 @@
-"""``ichnode analyze PATH... [--out DIR] [--json] [--device auto|cpu|cuda] [--weights W]``.
+"""``ichnode analyze PATH... [--out DIR] [--json] [--device auto|cpu|cuda] [--weights W]
+[--precision auto|fp32]``.
 
 Analyses DICOM files and folders without a database or a network: groups the
 files into series, runs the hemorrhage model on each CT series, writes the
@@ -55,6 +56,7 @@ class _Analyzer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.weights = args.weights or None
         self.device = args.device
+        self.precision = args.precision
         self.out_dir = Path(args.out) if args.out else None
         self._predictor: Any = None
 
@@ -63,7 +65,9 @@ class _Analyzer:
             from inference.predictor import Predictor, WeightsError
 
             try:
-                self._predictor = Predictor(weights=self.weights, device=self.device)
+                self._predictor = Predictor(
+                    weights=self.weights, device=self.device, precision=self.precision
+                )
             except (WeightsError, ValueError, OSError) as exc:
                 raise AnalyzeError(f"cannot load the model: {_first_line(exc)}") from exc
         return self._predictor

@@ -33,6 +33,7 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         ("[nodes]\nport = 1\n", "nodes"),
         ('[node]\nallowed_calling_aets = ["OK", ""]\n', "node.allowed_calling_aets"),
         ('[inference]\ndevice = "tpu"\n', "inference.device"),
+        ('[inference]\nprecision = "float16"\n', "inference.precision"),
         ('[[destinations]]\nname = "p"\nae_title = "X"\nhost = "h"\nport = 0\n', "destinations"),
     ],
 )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from inference import predictor as predictor_module
 from inference.datasets import phantom_case, phantom_volume
 from inference.evaluate import collect, compute_metrics, mean_dice
 from inference.findings import CLASSES, SUBTYPES
@@ -19,6 +20,7 @@ from inference.phantom import generate_case
 from inference.predictor import (
     Predictor,
     WeightsError,
+    autocast_dtype,
     decide,
     pool_slices,
     series_probabilities,
@@ -218,6 +220,44 @@ def test_cuda_matches_cpu(predictor: Predictor) -> None:
     assert np.abs(gpu.gradcam - cpu.gradcam).max() < 0.05
 
 
+def test_precision_auto_autocasts_where_the_hardware_pays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert autocast_dtype("cuda", "auto") == torch.float16
+    assert autocast_dtype("cuda", "fp32") is None
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(predictor_module, "cpu_has_native_bf16", lambda n=native: n)
+        assert autocast_dtype("cpu", "auto") == expected
+        assert autocast_dtype("cpu", "fp32") is None
+        auto = Predictor(device="cpu")
+        assert auto.amp is (native is True)
+        assert auto.precision_label == ("bfloat16 autocast" if native else "float32")
+        assert not Predictor(device="cpu", precision="fp32").amp
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(device="cpu", precision="float16")
+
+
+def test_cpu_bfloat16_matches_float32() -> None:
+    """bfloat16 autocast (forced on, so this runs on any CPU) moves probabilities by
+    hundredths at most and masks only at their edges."""
+    _, volume = _case(1000001, ("intraparenchymal",), n_slices=8)
+    exact = Predictor(device="cpu", precision="fp32")
+    fast = Predictor(device="cpu", precision="fp32")
+    fast.amp = True
+    assert fast.amp_dtype == torch.bfloat16
+    a, b = exact.predict(volume), fast.predict(volume)
+    assert a.hemorrhage_present and b.hemorrhage_present
+    assert b.hemorrhage_probability == pytest.approx(a.hemorrhage_probability, abs=0.02)
+    for sa, sb in zip(a.slices, b.slices, strict=True):
+        assert sb.probabilities == pytest.approx(sa.probabilities, abs=0.02)
+    assert b.subtypes["intraparenchymal"].present
+    i = SUBTYPES.index("intraparenchymal")
+    both = (a.masks[i] & b.masks[i]).sum()
+    assert 2 * both / (a.masks[i].sum() + b.masks[i].sum()) > 0.95
+    assert a.gradcam is not None and b.gradcam is not None
+    assert np.abs(a.gradcam - b.gradcam).max() < 0.05
+
+
 def test_masks_equal_a_full_resolution_threshold_of_the_logits() -> None:
     """Only maps with a pixel over the threshold are resized; the result must be the
     same as resizing every map."""
@@ -233,7 +273,7 @@ def test_masks_equal_a_full_resolution_threshold_of_the_logits() -> None:
         model.seg_head.bias.copy_(torch.tensor([0.0, -0.05, -0.5, -5.0, 0.02]))
     ckpt = make_checkpoint(model, thresholds=dict.fromkeys(CLASSES, 0.5), version="t",
                            training={})
-    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu", precision="fp32")
     hu = np.random.default_rng(0).normal(40, 30, (5, 70, 90)).astype(np.float32)
     raw = predictor.run(hu, explain=False)
     with torch.inference_mode():

@@ -274,10 +274,14 @@ def test_single_slice_and_two_slices_are_analysed(
 ) -> None:
     ct = make_ct_series(n_slices, 64)
     files = write_series(ct, tmp_path / "ct")
+    precision = "fp32" if n_slices == 2 else "auto"
     done = run_analyze(
-        *map(str, files), "--json", "--device", "cpu", "--weights", str(positive_weights)
+        *map(str, files), "--json", "--device", "cpu", "--weights", str(positive_weights),
+        "--precision", precision,
     )
     assert done.returncode == 0, done.stderr
+    if precision == "fp32":  # the model says how it runs
+        assert "on cpu, float32" in done.stderr, done.stderr
     (entry,) = parse_document(done.stdout)["series"]
     _assert_analysed(entry, n_slices)
     assert entry["outputs"] == []  # no --out: nothing written
