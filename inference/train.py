@@ -752,7 +752,13 @@ def finish(
 
     from config import ICHNODE_VERSION
     from inference.evaluate import collect, pick_threshold, roc_auc
-    from inference.predictor import POOLINGS, Predictor, make_checkpoint, pool_slices
+    from inference.predictor import (
+        POOLINGS,
+        Predictor,
+        make_checkpoint,
+        pool_slices,
+        resolve_device,
+    )
 
     model.eval()
     version = args.version or f"{ICHNODE_VERSION}+{args.data}.s{args.seed}.{args.steps}"
@@ -772,7 +778,13 @@ def finish(
     provisional = make_checkpoint(
         model.cpu(), thresholds=dict.fromkeys(CLASSES, 0.5), version=version, training=training
     )
-    predictor = Predictor.from_checkpoint(provisional, device=args.device)
+    # Thresholds are picked in float32 on a CPU (bfloat16 autocast would make them
+    # depend on whether this CPU has AMX) and in float16 on CUDA, as always.
+    predictor = Predictor.from_checkpoint(
+        provisional,
+        device=args.device,
+        precision="fp32" if resolve_device(args.device) == "cpu" else "auto",
+    )
     results = collect(predictor, val_items(), explain=False)
     best: tuple[float, str, dict[str, float]] | None = None
     for pooling in POOLINGS:
