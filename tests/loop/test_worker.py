@@ -17,7 +17,7 @@ from config.settings import Settings
 from inference.findings import CLASSES
 from inference.predictor import Predictor, make_checkpoint
 from node.scheduler import claim_job, requeue_orphans
-from node.worker import JobRunner, destinations_for, write_result_files
+from node.worker import JobRunner, destinations_for, release_free_heap, write_result_files
 from storage.index import Index
 from storage.models import Delivery, Job, JobState, Result, Series, SeriesStatus
 from tests.loop.conftest import make_study
@@ -199,3 +199,19 @@ def test_job_taken_over_is_abandoned(tmp_path: Path, predictor: Predictor) -> No
         assert list(session.scalars(select(Result))) == []
         row = session.get(Job, job.id)
         assert row is not None and row.claimed_by == "elsewhere:1"
+
+
+def test_release_free_heap_returns_freed_memory_to_the_system() -> None:
+    """What a job frees must leave the worker's resident size, not stay in malloc's
+    arenas (the worker calls this after every job)."""
+
+    def rss_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    chunks = [bytes(2048) for _ in range(100_000)]  # 200 MB of malloc'd blocks
+    last = chunks[-1]  # holds the top of the heap, so free() alone cannot shrink it
+    del chunks
+    before = rss_mb()
+    assert release_free_heap()  # glibc: malloc_trim exists
+    assert before - rss_mb() > 100, (before, rss_mb())
+    assert len(last) == 2048
