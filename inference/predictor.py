@@ -82,17 +82,20 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
-def autocast_dtype(device: str, precision: str) -> Any:
-    """The autocast dtype for a resolved ``device`` and ``precision``; None for float32."""
+def amp_dtype_for(device: str) -> Any:
+    """The reduced precision of a resolved ``device``: float16 on CUDA, bfloat16 on CPU."""
     import torch
 
+    return torch.float16 if device == "cuda" else torch.bfloat16
+
+
+def autocast_dtype(device: str, precision: str) -> Any:
+    """The autocast dtype for a resolved ``device`` and ``precision``; None for float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto or fp32, not {precision!r}")
-    if precision == "fp32":
+    if precision == "fp32" or (device != "cuda" and not cpu_has_native_bf16()):
         return None
-    if device == "cuda":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else None
+    return amp_dtype_for(device)
 
 
 #: Ways to pool slice probabilities into a series probability: the maximum, or
@@ -249,7 +252,7 @@ class Predictor:
         from inference.model import HemorrhageNet, ModelConfig, fuse_batchnorm
 
         self.device = resolve_device(device)
-        dtype = autocast_dtype(self.device, precision)
+        amp = autocast_dtype(self.device, precision) is not None
         try:
             self.config: ModelConfig = ModelConfig.from_dict(dict(ckpt["model_config"]))
             model = HemorrhageNet(self.config)
@@ -268,12 +271,9 @@ class Predictor:
         self.training: dict[str, Any] = dict(ckpt.get("training", {}))
         self.weights_sha256 = sha256
         self.batch_size = batch_size or (64 if self.device == "cuda" else 16)
-        #: Autocast on (``amp_dtype``: float16 on CUDA, bfloat16 on CPU); a
-        #: benchmark may turn it off to compare.
-        self.amp = dtype is not None
-        self.amp_dtype = dtype if dtype is not None else (
-            torch.float16 if self.device == "cuda" else torch.bfloat16
-        )
+        #: Autocast on, in ``amp_dtype``; a benchmark may turn it off (or on) to compare.
+        self.amp = amp
+        self.amp_dtype = amp_dtype_for(self.device)
         # BatchNorm folded into the convolutions and channels_last on every device
         # (faster with oneDNN on CPU too; only the class head is ever back-propagated).
         model = fuse_batchnorm(model).to(self.device)
