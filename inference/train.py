@@ -61,7 +61,7 @@ SEG_POS_WEIGHT = 10.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ichnode train`` (imports nothing heavy)."""
     data = parser.add_argument_group("data")
-    data.add_argument("--data", choices=["phantom", "rsna", "cq500"], default="phantom")
+    data.add_argument("--data", choices=["phantom", "rsna", "cq500", "ctich"], default="phantom")
     data.add_argument("--train-seeds", default=DEFAULT_TRAIN_SEEDS, help="phantom seeds A:B")
     data.add_argument("--val-seeds", default=DEFAULT_VAL_SEEDS, help="phantom seeds A:B")
     data.add_argument("--phantom-slices", type=int, default=24, help="slices per phantom case")
@@ -79,9 +79,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--cq500-reads", type=Path, help="CQ500 reads.csv")
     data.add_argument("--cq500-dir", type=Path, help="folder holding CQ500-CT-<n> scans")
     data.add_argument(
+        "--ctich-dir", type=Path,
+        help="CT-ICH folder, v1.0.0 (Patients_CT/, JPEG windows) or v1.3.1 (ct_scans/ NIfTI)",
+    )
+    data.add_argument(
+        "--mix-phantom", type=float, default=0.0,
+        help="with real data: share of training cases drawn from the phantom "
+        "(--train-seeds), which still teaches masks and rare subtypes",
+    )
+    data.add_argument(
+        "--exclude-patients", default="",
+        help="CT-ICH patient numbers left out of training, comma-separated (cross-validation)",
+    )
+    data.add_argument(
+        "--thresholds-from", type=Path,
+        help="series thresholds and pooling from this JSON (written by ichnode crossval from "
+        "out-of-fold predictions) instead of a validation set",
+    )
+    data.add_argument(
         "--val-fraction", type=float, default=0.1, help="held-out share of real series"
     )
     data.add_argument("--cache-cases", type=int, default=48, help="cases kept in memory")
+    data.add_argument(
+        "--domain-augment", action=argparse.BooleanOptionalAction, default=True,
+        help="resolution, slice-thickness, noise-texture, streak and window jitter "
+        "(inference.train.domain_augment)",
+    )
     data.add_argument(
         "--refresh-every", type=int, default=2, help="replace one cached case every N steps"
     )
@@ -147,7 +170,9 @@ class TrainCase:
 
     ``hu`` (z, S, S) float32; ``seg`` (5, z, S, S) float16 area fractions or None;
     ``cls`` (z, 6) float32 slice labels or None (scan-level labels only);
-    ``bag`` (6,) float32 series labels; ``positive`` indices of slices with blood.
+    ``bag`` (6,) float32 series labels; ``positive`` indices of slices with blood;
+    ``seg_known`` (z,) float32 weight of each slice's mask loss (1 where its masks
+    are known, 0 where they are not), None when all are known.
     """
 
     hu: torch.Tensor
@@ -155,6 +180,7 @@ class TrainCase:
     cls: torch.Tensor | None
     bag: torch.Tensor
     positive: np.ndarray
+    seg_known: np.ndarray | None = None
 
 
 def to_train_case(item: LabelledVolume, size: int) -> TrainCase:
@@ -176,7 +202,8 @@ def to_train_case(item: LabelledVolume, size: int) -> TrainCase:
         cls = torch.from_numpy(np.asarray(item.slice_labels, dtype=np.float32))
         positive = np.flatnonzero(item.slice_labels[:, 0])
     bag = torch.from_numpy(np.asarray(item.series_labels, dtype=np.float32))
-    return TrainCase(hu=small, seg=seg, cls=cls, bag=bag, positive=positive)
+    known = None if item.mask_slices is None else np.asarray(item.mask_slices, dtype=np.float32)
+    return TrainCase(hu=small, seg=seg, cls=cls, bag=bag, positive=positive, seg_known=known)
 
 
 class CaseStream:
@@ -209,7 +236,9 @@ class CaseStream:
         a few items ahead, and still yielded in index order: the sequence is the
         same for any number of workers.
         """
-        load = _CaseLoader(self.loader, size)
+        load: Callable[[Any], TrainCase | None] = _CaseLoader(self.loader, size)
+        if workers <= 0:
+            load = _Memo(load)
         keys = (self.key(i) for i in itertools.count(start))
         for case in prefetched(load, keys, workers):
             if case is not None:
@@ -226,6 +255,27 @@ class _CaseLoader:
     def __call__(self, key: Any) -> TrainCase | None:
         item = self.loader(key)
         return None if item is None else to_train_case(item, self.size)
+
+
+class _Memo:
+    """Keep the resampled cases of real series (keys with a ``key`` attribute) in
+    memory, up to ``limit`` of them: a small real data set is read from disk once."""
+
+    def __init__(self, load: Callable[[Any], TrainCase | None], limit: int = 256) -> None:
+        self.load = load
+        self.limit = limit
+        self.cases: dict[str, TrainCase | None] = {}
+
+    def __call__(self, key: Any) -> TrainCase | None:
+        ref = key[1] if isinstance(key, tuple) and key[0] == "real" else key
+        name = getattr(ref, "key", None)
+        if not isinstance(name, str):
+            return self.load(key)
+        if name not in self.cases:
+            if len(self.cases) >= self.limit:
+                return self.load(key)
+            self.cases[name] = self.load(key)
+        return self.cases[name]
 
 
 def _worker_init() -> None:
@@ -300,6 +350,7 @@ def build_sources(
     (``slice`` for per-slice labels, ``bag`` for scan-level labels)."""
     from inference.datasets import (
         Cq500Dataset,
+        CtIchDataset,
         DatasetError,
         RsnaDataset,
         iter_loaded,
@@ -328,8 +379,14 @@ def build_sources(
 
         return stream, val_phantoms, "slice"
 
-    dataset: RsnaDataset | Cq500Dataset
-    if args.data == "rsna":
+    dataset: RsnaDataset | Cq500Dataset | CtIchDataset
+    excluded = parse_patients(getattr(args, "exclude_patients", ""))
+    if args.data == "ctich":
+        if args.ctich_dir is None:
+            raise DatasetError("--data ctich needs --ctich-dir")
+        dataset = CtIchDataset(args.ctich_dir)
+        mode = "slice"
+    elif args.data == "rsna":
         if args.rsna_csv is None or args.rsna_dir is None:
             raise DatasetError("--data rsna needs --rsna-csv and --rsna-dir")
         dataset = RsnaDataset(args.rsna_csv, args.rsna_dir)
@@ -339,8 +396,27 @@ def build_sources(
             raise DatasetError("--data cq500 needs --cq500-reads and --cq500-dir")
         dataset = Cq500Dataset(args.cq500_reads, args.cq500_dir)
         mode = "bag"
-    train_refs = [r for r in dataset.series if split_of(r.key, args.val_fraction) == "train"]
-    val_refs = [r for r in dataset.series if split_of(r.key, args.val_fraction) == "val"]
+    if excluded:
+        if args.data != "ctich":
+            raise DatasetError("--exclude-patients applies to --data ctich")
+        unknown = excluded - {r.number for r in dataset.series}  # type: ignore[union-attr]
+        if unknown:
+            raise DatasetError(f"--exclude-patients: no CT-ICH patient {sorted(unknown)}")
+    refs: list[Any] = [r for r in dataset.series if getattr(r, "number", None) not in excluded]
+    mix = float(getattr(args, "mix_phantom", 0.0))
+    if not 0.0 <= mix < 1.0:
+        raise DatasetError("--mix-phantom must be at least 0 and below 1")
+    if mix and mode != "slice":
+        raise DatasetError("--mix-phantom needs per-slice labels (not --data cq500)")
+    phantom_loader = PhantomLoader(args.qa_negatives, args.phantom_slices, args.phantom_matrix)
+    if getattr(args, "thresholds_from", None) is not None:
+        # Thresholds come from out-of-fold predictions: every series trains.
+        logger.info("%s: %d training series, thresholds from %s", args.data, len(refs),
+                    args.thresholds_from)
+        stream = _real_stream(refs, dataset, args.seed, mix, args.train_seeds, phantom_loader)
+        return stream, lambda: iter(()), mode
+    train_refs = [r for r in refs if split_of(r.key, args.val_fraction) == "train"]
+    val_refs = [r for r in refs if split_of(r.key, args.val_fraction) == "val"]
     if not train_refs or not val_refs:
         # Tiny data sets: hold out the last series so both sides exist.
         if len(dataset.series) < 2:
@@ -349,8 +425,64 @@ def build_sources(
     logger.info("%s: %d training and %d validation series", args.data, len(train_refs),
                 len(val_refs))
 
-    stream = CaseStream(train_refs, _RealLoader(dataset), args.seed)
+    stream = _real_stream(train_refs, dataset, args.seed, mix, args.train_seeds, phantom_loader)
     return stream, lambda: iter_loaded(dataset, val_refs), mode
+
+
+def parse_patients(text: str) -> set[int]:
+    """``"49,51"`` to ``{49, 51}``; a clear error otherwise."""
+    from inference.datasets import DatasetError
+
+    try:
+        return {int(part) for part in text.split(",") if part.strip()}
+    except ValueError as exc:
+        raise DatasetError(f"patient numbers must be integers separated by commas, "
+                           f"not {text!r}") from exc
+
+
+def _real_stream(
+    refs: list[Any], dataset: Any, seed: int, mix: float, train_seeds: str,
+    phantom_loader: PhantomLoader,
+) -> CaseStream:
+    """Real series, with a share ``mix`` of phantom cases from ``train_seeds``."""
+    from inference.datasets import parse_seeds
+
+    real = _RealLoader(dataset)
+    if not mix:
+        return CaseStream(refs, real, seed)
+    seeds = parse_seeds(train_seeds)
+    return MixedStream(refs, real, seed, mix=mix, phantom_seeds=seeds, phantom=phantom_loader)
+
+
+class MixedStream(CaseStream):
+    """Real series mixed with phantom cases: item ``i`` is a phantom case with
+    probability ``mix`` (drawn from ``(seed, i)``), otherwise the real series the
+    epoch's permutation puts at ``i``; still a function of ``(seed, i)`` alone."""
+
+    def __init__(self, keys: list[Any], loader: Callable[[Any], LabelledVolume | None],
+                 seed: int, *, mix: float, phantom_seeds: range,
+                 phantom: Callable[[int], LabelledVolume]) -> None:
+        super().__init__(keys, _MixedLoader(loader, phantom), seed)
+        self.mix = mix
+        self.phantom_seeds = phantom_seeds
+
+    def key(self, index: int) -> Any:
+        rng = np.random.default_rng([self.seed, index, 17])
+        if rng.random() < self.mix:
+            return ("phantom", int(self.phantom_seeds[int(rng.integers(len(self.phantom_seeds)))]))
+        return ("real", super().key(index))
+
+
+@dataclass(frozen=True)
+class _MixedLoader:
+    """Dispatch ``("real", ref)`` and ``("phantom", seed)`` keys to their loaders."""
+
+    real: Callable[[Any], LabelledVolume | None]
+    phantom: Callable[[int], LabelledVolume]
+
+    def __call__(self, key: tuple[str, Any]) -> LabelledVolume | None:
+        kind, value = key
+        return self.phantom(value) if kind == "phantom" else self.real(value)
 
 
 def qa_negative(seed: int, *, n_slices: int, matrix: int) -> LabelledVolume:
@@ -436,7 +568,7 @@ def sample_slices(
         clss.append(case.cls[k])
         if case.seg is not None:
             segs.append(case.seg[:, k].float())
-            has_seg.append(1.0)
+            has_seg.append(1.0 if case.seg_known is None else float(case.seg_known[k]))
         else:
             segs.append(torch.zeros((len(SUBTYPES), size, size), device=case.hu.device))
             has_seg.append(0.0)
@@ -489,6 +621,77 @@ def augment(
     else:
         noise = torch.randn(hu.shape, generator=noise_gen, device=hu.device)
     return hu * gain + offset + noise * sd, seg
+
+
+def domain_augment(hu: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """What real scanners vary and the phantom does not, on a HU batch (B, C, S, S):
+
+    * resolution (half of the samples): blurred by down- and up-sampling to 55-100 %
+      of the matrix, which also spreads bone into the first millimetres inside the
+      inner table (the partial volume that a sharp phantom skull lacks);
+    * slice thickness (a third): each slice mixed with its neighbours by up to 35 %;
+    * noise texture: Gaussian noise of 0-10 HU smoothed over 0-1.5 pixels, as
+      reconstruction kernels correlate CT noise;
+    * streaks (a quarter): 1-4 straight lines of +-15-60 HU across the image;
+    * window: the HU scale stretched by 0.9-1.1 around 40 HU and offset by up to +-8 HU.
+
+    Parameters come from ``gen`` (a CPU generator); the work is on ``hu``'s device.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, c, size, _ = hu.shape
+    device = hu.device
+
+    def uniform(low: float, high: float, n: int = b) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=gen)
+
+    out = hu.clone()
+    blur = torch.rand(b, generator=gen) < 0.5
+    factor = uniform(0.55, 1.0)
+    for i in torch.nonzero(blur).flatten().tolist():
+        small = max(8, round(size * float(factor[i])))
+        x = F.interpolate(out[i : i + 1], size=(small, small), mode="area")
+        out[i : i + 1] = F.interpolate(x, size=(size, size), mode="bilinear",
+                                       align_corners=False)
+    if c >= 3:
+        mix = uniform(0.0, 0.35) * (torch.rand(b, generator=gen) < 0.33)
+        m = mix.view(b, 1, 1).to(device)
+        centre = c // 2
+        neighbours = 0.5 * (out[:, centre - 1] + out[:, centre + 1])
+        out[:, centre] = (1 - m) * out[:, centre] + m * neighbours
+    sd = uniform(0.0, 10.0)
+    sigma = uniform(0.0, 1.5)
+    noise = torch.randn((b, c, size, size), generator=gen)
+    radius = 3
+    grid = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    for i in range(b):
+        if float(sigma[i]) > 0.3:
+            k = torch.exp(-0.5 * (grid / float(sigma[i])) ** 2)
+            k = k / k.sum()
+            n = noise[i : i + 1].reshape(c, 1, size, size)
+            n = F.conv2d(F.pad(n, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+            n = F.conv2d(F.pad(n, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+            n = n / n.std().clamp_min(1e-6)
+            noise[i] = n.reshape(c, size, size)
+    out = out + noise.to(device) * sd.view(b, 1, 1, 1).to(device)
+    streaky = torch.rand(b, generator=gen) < 0.25
+    if bool(streaky.any()):
+        coords = torch.linspace(-1.0, 1.0, size)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        for i in torch.nonzero(streaky).flatten().tolist():
+            lines = torch.zeros(size, size)
+            for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
+                theta = float(uniform(0.0, math.pi, 1))
+                r = float(uniform(-0.6, 0.6, 1))
+                amp = float(uniform(15.0, 60.0, 1)) * (1 if float(uniform(0, 1, 1)) < 0.5 else -1)
+                width = float(uniform(0.5, 2.0, 1)) * 2.0 / size
+                d = xx * math.cos(theta) + yy * math.sin(theta) - r
+                lines += amp * torch.exp(-((d / width) ** 2))
+            out[i] = out[i] + lines.to(device)
+    gain = uniform(0.9, 1.1).view(b, 1, 1, 1).to(device)
+    offset = uniform(-8.0, 8.0).view(b, 1, 1, 1).to(device)
+    return (out - 40.0) * gain + 40.0 + offset
 
 
 def to_input(hu: torch.Tensor) -> torch.Tensor:
@@ -650,6 +853,8 @@ def train(args: argparse.Namespace) -> Path:
         if mode == "slice":
             hu, seg, cls, has_seg = sample_slices(list(cache), args.batch_size, rng, 1)
             hu, seg = augment(hu, seg, gen, noise_gen)
+            if args.domain_augment:
+                hu = domain_augment(hu, gen)
             with autocast():
                 out = model(to_input(hu).to(device))
             # Losses in float32 whatever the precision of the forward pass.
@@ -704,6 +909,7 @@ def _to_device(case: TrainCase, device: str) -> TrainCase:
         cls=None if case.cls is None else case.cls.to(device),
         bag=case.bag.to(device),
         positive=case.positive,
+        seg_known=case.seg_known,
     )
 
 
@@ -775,6 +981,20 @@ def finish(
     }
     if args.resume:
         training["resumed_with"] = command
+    if getattr(args, "ctich_dir", None) is not None and args.data == "ctich":
+        training["ctich_dir"] = str(args.ctich_dir)
+        training["mix_phantom"] = float(args.mix_phantom)
+        training["train_seeds"] = args.train_seeds if args.mix_phantom else ""
+        if args.exclude_patients:
+            training["excluded_patients"] = args.exclude_patients
+    if getattr(args, "thresholds_from", None) is not None:
+        chosen = read_thresholds(args.thresholds_from)
+        training["thresholds_from"] = chosen.get("source", str(args.thresholds_from))
+        ckpt = make_checkpoint(
+            model.cpu(), thresholds=chosen["thresholds"], version=version, training=training,
+            pooling=chosen["pooling"],
+        )
+        return _write_weights(ckpt, Path(args.out))
     provisional = make_checkpoint(
         model.cpu(), thresholds=dict.fromkeys(CLASSES, 0.5), version=version, training=training
     )
@@ -813,12 +1033,34 @@ def finish(
     ckpt = make_checkpoint(
         model, thresholds=thresholds, version=version, training=training, pooling=pooling
     )
-    out = Path(args.out)
+    return _write_weights(ckpt, Path(args.out))
+
+
+def _write_weights(ckpt: dict[str, Any], out: Path) -> Path:
+    import torch
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, out)
     return out
+
+
+def read_thresholds(path: Path) -> dict[str, Any]:
+    """``{"pooling", "thresholds": {class: value}, "source"}`` from a crossval JSON."""
+    import json
+
+    from inference.predictor import POOLINGS
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        thresholds = {name: float(doc["thresholds"][name]) for name in CLASSES}
+        pooling = str(doc.get("pooling", "max"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--thresholds-from {path}: not a thresholds file ({exc})") from exc
+    if pooling not in POOLINGS or not all(0.0 < v < 1.0 for v in thresholds.values()):
+        raise ValueError(f"--thresholds-from {path}: bad pooling or thresholds")
+    return {"pooling": pooling, "thresholds": thresholds, "source": doc.get("source", str(path))}
 
 
 def _cli_argv() -> list[str]:
