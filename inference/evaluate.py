@@ -39,7 +39,8 @@ DICE_MIN_ML = 1.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ichnode evaluate`` (imports nothing heavy)."""
     parser.add_argument("--weights", default="", help="weights file (default: bundled)")
-    parser.add_argument("--data", choices=["phantom", "rsna", "cq500"], default="phantom")
+    parser.add_argument("--data", choices=["phantom", "rsna", "cq500", "ctich"],
+                        default="phantom")
     parser.add_argument("--seeds", default="1000000:1000200", help="phantom seeds A:B")
     parser.add_argument("--phantom-slices", type=int, default=32)
     parser.add_argument("--phantom-matrix", type=int, default=256)
@@ -47,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rsna-dir", type=Path)
     parser.add_argument("--cq500-reads", type=Path)
     parser.add_argument("--cq500-dir", type=Path)
+    parser.add_argument("--ctich-dir", type=Path,
+                        help="CT-ICH folder (v1.0.0 JPEG or v1.3.1 NIfTI layout)")
     parser.add_argument("--out", type=Path, help="folder for ROC/confusion PNGs and metrics.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
@@ -213,6 +216,9 @@ class EvalResults:
     dice: dict[str, list[float]] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)
     per_series_slices: list[np.ndarray] = field(default_factory=list)
+    #: Dice of the predicted blood (union of subtype masks) on slices with a published
+    #: any-blood mask (CT-ICH), one value a slice.
+    blood_dice: list[float] = field(default_factory=list)
 
 
 def collect(
@@ -224,6 +230,7 @@ def collect(
     dices: dict[str, list[float]] = {name: [] for name in SUBTYPES}
     keys = []
     per_series: list[np.ndarray] = []
+    blood_dice: list[float] = []
     for item in items:
         findings = predictor.predict(item.volume, explain=explain)
         keys.append(item.key)
@@ -243,7 +250,11 @@ def collect(
             slice_probs.append(
                 np.array([[s.probabilities[c] for c in CLASSES] for s in findings.slices])
             )
-        if item.masks is not None:
+        if item.blood_slices is not None and item.masks is not None:
+            for k in np.flatnonzero(item.blood_slices):
+                blood_dice.append(dice(np.asarray(findings.masks[:, k].any(axis=0)),
+                                       np.asarray(item.masks[:, k].any(axis=0))))
+        elif item.masks is not None:
             voxel_ml = item.volume.voxel_volume_ml
             for i, name in enumerate(SUBTYPES):
                 if float(item.masks[i].sum()) * voxel_ml >= DICE_MIN_ML:
@@ -266,6 +277,7 @@ def collect(
         dice=dices,
         keys=keys,
         per_series_slices=per_series,
+        blood_dice=blood_dice,
     )
 
 
@@ -346,7 +358,7 @@ def write_plots(results: EvalResults, metrics: dict[str, dict[str, BinaryMetrics
     for level, (labels, probs) in levels.items():
         fig, ax = plt.subplots(figsize=(6, 6))
         for i, name in enumerate(CLASSES):
-            if labels[:, i].all() or not labels[:, i].any():
+            if labels[:, i].all() or not labels[:, i].any() or name not in metrics[level]:
                 continue
             fpr, tpr = roc_curve(labels[:, i], probs[:, i])
             ax.plot(fpr, tpr, label=f"{name} (AUC {metrics[level][name].auc:.3f})")
@@ -359,8 +371,11 @@ def write_plots(results: EvalResults, metrics: dict[str, dict[str, BinaryMetrics
         plt.close(fig)
         written.append(path)
 
-        fig, axes = plt.subplots(1, len(CLASSES), figsize=(3 * len(CLASSES), 3.2))
-        for ax, name in zip(axes, CLASSES, strict=True):
+        shown = [name for name in CLASSES if name in metrics[level]]
+        if not shown:
+            continue
+        fig, axes = plt.subplots(1, len(shown), figsize=(3 * len(shown), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], shown, strict=True):
             m = metrics[level][name]
             grid = np.array([[m.tn, m.fp], [m.fn, m.tp]])
             ax.imshow(grid, cmap="Blues")
@@ -398,11 +413,17 @@ def evaluate_items(
         "dice": {n: {"n": len(v), "mean": float(np.mean(v)) if v else None}
                  for n, v in results.dice.items()},
         "mean_dice": mean_dice(results.dice),
+        "blood_dice": {"n": len(results.blood_dice),
+                       "mean": float(np.mean(results.blood_dice)) if results.blood_dice else None},
     }
     if out is not None:
         doc["plots"] = [str(p) for p in write_plots(results, metrics, out)]
         (out / "metrics.json").write_text(json.dumps(doc, indent=2, default=_json_default))
-    return format_table(metrics, results.dice), doc
+    table = format_table(metrics, results.dice)
+    if results.blood_dice:
+        table += (f"\nDice of predicted blood on the {len(results.blood_dice)} slices with a "
+                  f"published mask: mean {float(np.mean(results.blood_dice)):.3f}")
+    return table, doc
 
 
 def _json_default(value: object) -> object:
@@ -415,6 +436,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """``ichnode evaluate``: table on stdout, exit 0; a one-line message and 2 on bad input."""
     from inference.datasets import (
         Cq500Dataset,
+        CtIchDataset,
         DatasetError,
         RsnaDataset,
         iter_loaded,
@@ -435,6 +457,12 @@ def run_cli(args: argparse.Namespace) -> int:
                 raise DatasetError("--data rsna needs --rsna-csv and --rsna-dir")
             rsna = RsnaDataset(args.rsna_csv, args.rsna_dir)
             items, source = iter_loaded(rsna, rsna.series), f"RSNA {args.rsna_dir}"
+        elif args.data == "ctich":
+            if args.ctich_dir is None:
+                raise DatasetError("--data ctich needs --ctich-dir")
+            ctich = CtIchDataset(args.ctich_dir)
+            items = iter_loaded(ctich, ctich.series)
+            source = f"CT-ICH {ctich.layout} {args.ctich_dir}"
         else:
             if args.cq500_reads is None or args.cq500_dir is None:
                 raise DatasetError("--data cq500 needs --cq500-reads and --cq500-dir")

@@ -24,6 +24,7 @@ _COMMANDS: dict[str, str] = {
     "ui": "node.commands.ui:run",
     "train": "inference.train:run_cli",
     "evaluate": "inference.evaluate:run_cli",
+    "crossval": "inference.crossval:run_cli",
 }
 
 
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lazy_args(p, "inference.train:add_arguments")
     p = sub.add_parser("evaluate", help="evaluate weights on held-out data")
     _add_lazy_args(p, "inference.evaluate:add_arguments")
+    p = sub.add_parser(
+        "crossval", help="patient-level k-fold cross-validation on real CT (CT-ICH)"
+    )
+    _add_lazy_args(p, "inference.crossval:add_arguments")
     return parser
 
 
