@@ -33,8 +33,8 @@ WORK = 256
 def _distance_inside(hu: np.ndarray, pixel_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """(z, S, S) HU at the working matrix to (intracranial mask, distance to bone in mm).
 
-    Intracranial: not bone, soft-tissue density, and not reachable from the image
-    border without crossing bone. Distance by repeated 3x3 dilation (chessboard).
+    Intracranial: not bone, soft-tissue density, with bone on both sides along its
+    row and its column. Distance by repeated 3x3 dilation (chessboard).
     """
     import torch
     import torch.nn.functional as F
@@ -42,16 +42,13 @@ def _distance_inside(hu: np.ndarray, pixel_mm: float) -> tuple[np.ndarray, np.nd
     t = torch.from_numpy(hu.astype(np.float32))[:, None]
     bone = t >= BONE_HU
     free = ~bone
-    outside = torch.zeros_like(bone)
-    outside[..., 0, :] = outside[..., -1, :] = True
-    outside[..., :, 0] = outside[..., :, -1] = True
-    outside &= free
-    for _ in range(WORK * 2):
-        grown = F.max_pool2d(outside.float(), 3, 1, 1) > 0
-        grown &= free
-        if torch.equal(grown, outside):
-            break
-        outside = grown
+    # Enclosed: bone somewhere to the left, right, front and back of the pixel.
+    b = bone[:, 0].to(torch.uint8)
+    enclosed = torch.ones_like(bone[:, 0])
+    for dim in (1, 2):
+        enclosed &= torch.cummax(b, dim=dim).values.bool()
+        enclosed &= torch.cummax(b.flip(dim), dim=dim).values.flip(dim).bool()
+    outside = ~enclosed[:, None]
     inside = free & ~outside & (t > -50) & (t < 200)
     dist = torch.full_like(t, 1e9)
     front = bone.clone()
@@ -157,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             w = weights_for(item.key)
             if w not in predictors:
                 predictors[w] = Predictor(w, device="cpu")
-            findings = predictors[w].predict(item.volume, explain=False)
             raw = predictors[w].run(item.volume.hu, explain=False)
+            findings = predictors[w].findings(item.volume, raw)
             preds.append((item.volume.hu, item.volume.spacing[1], raw.masks,
                           findings.hemorrhage_present))
         doc["network"][name] = network_profile(preds)

@@ -101,6 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--cache-cases", type=int, default=48, help="cases kept in memory")
     data.add_argument(
+        "--matched-negatives", action=argparse.BooleanOptionalAction, default=False,
+        help="draw a quarter of each batch at the height in the head of a slice with blood "
+        "(see sample_slices)",
+    )
+    data.add_argument(
         "--domain-augment", action=argparse.BooleanOptionalAction, default=True,
         help="resolution, slice-thickness, noise-texture, streak and window jitter "
         "(inference.train.domain_augment)",
@@ -537,9 +542,15 @@ def qa_negative(seed: int, *, n_slices: int, matrix: int) -> LabelledVolume:
 
 
 def sample_slices(
-    cache: list[TrainCase], batch_size: int, rng: np.random.Generator, neighbours: int
+    cache: list[TrainCase], batch_size: int, rng: np.random.Generator, neighbours: int,
+    matched: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """A balanced batch of slices: half from slices with blood when the cache has any.
+
+    With ``matched``, half of the other half is drawn at the height in the head
+    (relative slice position, +-1 slice) of a random slice with blood: real
+    bleeds sit mostly in the middle of the series, and without matched negatives
+    a network learns "a slice through the lateral ventricles" as a sign of blood.
 
     Returns HU stacks (B, 2n+1, S, S), mask targets (B, 5, S, S) or None, class
     targets (B, 6) and a per-sample weight of the mask loss (B,) (0 where the case
@@ -560,6 +571,12 @@ def sample_slices(
         z = case.hu.shape[0]
         if b % 2 == 0 and len(case.positive):
             k = int(case.positive[int(rng.integers(len(case.positive)))])
+        elif matched and b % 4 == 1 and any(len(c.positive) for c in cache):
+            ref = [c for c in cache if len(c.positive)]
+            other = ref[int(rng.integers(len(ref)))]
+            height = float(other.positive[int(rng.integers(len(other.positive)))])
+            height /= max(1, other.hu.shape[0] - 1)
+            k = int(np.clip(round(height * (z - 1)) + int(rng.integers(-1, 2)), 0, z - 1))
         else:
             k = int(rng.integers(z))
         idx = torch.from_numpy(neighbour_index(z, neighbours)[k]).to(case.hu.device)
@@ -851,7 +868,9 @@ def train(args: argparse.Namespace) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         if mode == "slice":
-            hu, seg, cls, has_seg = sample_slices(list(cache), args.batch_size, rng, 1)
+            hu, seg, cls, has_seg = sample_slices(
+                list(cache), args.batch_size, rng, 1, matched=args.matched_negatives
+            )
             hu, seg = augment(hu, seg, gen, noise_gen)
             if args.domain_augment:
                 hu = domain_augment(hu, gen)
