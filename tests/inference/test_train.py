@@ -231,3 +231,50 @@ def test_qa_negatives_keep_the_skull_and_carry_no_blood() -> None:
     bone = source.tissue == 2  # BONE
     assert np.array_equal(item.volume.hu[bone], source.hu[bone])
     assert not np.array_equal(item.volume.hu, source.hu)
+
+
+def test_domain_augment_is_seeded_and_spans_the_scanner_variation() -> None:
+    from inference.train import domain_augment
+
+    case = phantom_case(5, n_slices=6, matrix=64)
+    hu = torch.from_numpy(case.volume.hu[1:4].copy())[None].repeat(32, 1, 1, 1)
+    a = domain_augment(hu, torch.Generator().manual_seed(3))
+    b = domain_augment(hu, torch.Generator().manual_seed(3))
+    c = domain_augment(hu, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == hu.shape and torch.isfinite(a).all()
+    # Brain stays brain: the median HU inside the head moves by a few HU only.
+    brain = (hu[0, 1] > 15) & (hu[0, 1] < 45)
+    medians = torch.stack([x[1][brain].median() for x in a])
+    assert float((medians - hu[0, 1][brain].median()).abs().max()) < 15
+    # Some samples are blurred (bone edge spread), some sharp: the steepest step
+    # between neighbouring pixels varies across the batch.
+    steps = (a[:, 1, :, 1:] - a[:, 1, :, :-1]).abs().amax(dim=(1, 2))
+    assert float(steps.min()) < 0.8 * float(steps.max())
+
+
+def test_matched_negatives_are_drawn_at_the_height_of_blood() -> None:
+    from inference.train import TrainCase
+
+    def case(z: int, positive: list[int]) -> TrainCase:
+        cls = torch.zeros((z, 6))
+        cls[positive, 0] = 1
+        # Each slice holds 1000 x (number of slices) + its index.
+        hu = (1000.0 * z + torch.arange(z, dtype=torch.float32))[:, None, None]
+        hu = hu.expand(z, 8, 8).contiguous()
+        return TrainCase(hu=hu, seg=None, cls=cls, bag=cls.amax(0),
+                         positive=np.array(positive, dtype=np.int64))
+
+    # Blood only at 70 % of the height of a 21-slice head; a 31-slice head without.
+    cache = [case(21, [14]), case(31, [])]
+    rng = np.random.default_rng(0)
+    heights = {False: [], True: []}
+    for matched in (False, True):
+        for _ in range(60):
+            hu, _, _, _ = sample_slices(cache, 8, rng, 1, matched=matched)
+            centre = hu[:, 1, 0, 0]
+            for b in (1, 5):
+                z, k = divmod(int(centre[b]), 1000)
+                heights[matched].append(k / (z - 1))
+    near = {m: np.mean(np.abs(np.array(h) - 0.7) <= 0.06) for m, h in heights.items()}
+    assert near[True] > 0.9 and near[False] < 0.5
