@@ -321,3 +321,32 @@ def test_evaluate_on_ctich_reports_blood_dice() -> None:
     assert out.returncode == 0, out.stderr
     assert "2 series, 6 slices" in out.stdout
     assert "Dice of predicted blood on the 1 slices with a published mask" in out.stdout
+
+
+def _fixture_findings():  # type: ignore[no-untyped-def]
+    from inference.predictor import Predictor
+
+    predictor = Predictor(None, device="cpu")
+    dataset = CtIchDataset(FIXTURE)
+    pos = predictor.predict(dataset.load(dataset.series[0]).volume, explain=False)
+    neg = predictor.predict(dataset.load(dataset.series[1]).volume, explain=False)
+    return pos, neg
+
+
+def test_bundled_weights_rank_the_real_bleed_above_the_real_normal_head() -> None:
+    """On the fixture's slices (chosen by the rule in its README) the patient with
+    hemorrhage is called positive and scores above the patient without."""
+    pos, neg = _fixture_findings()
+    assert pos.hemorrhage_present, pos.hemorrhage_probability
+    assert pos.hemorrhage_probability > neg.hemorrhage_probability
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="target not met: out-of-fold specificity 0.23 at the shipped threshold "
+    "(docs/MODEL_CARD.md); the bundled weights call these normal mid-brain slices "
+    "positive (p 0.93 against 0.65)",
+)
+def test_bundled_weights_call_the_real_normal_head_negative() -> None:
+    _, neg = _fixture_findings()
+    assert not neg.hemorrhage_present, neg.hemorrhage_probability
