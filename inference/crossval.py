@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inference.findings import CLASSES, SUBTYPES
+from inference.findings import CLASSES
 
 if TYPE_CHECKING:
-    from inference.datasets import CtIchDataset, LabelledVolume
+    from inference.datasets import CtIchDataset
     from inference.evaluate import BinaryMetrics, EvalResults
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ def predict_out_of_fold(
     args: argparse.Namespace, dataset: CtIchDataset, folds: list[int], out: Path
 ) -> OutOfFold:
     """Score each patient with the network of its fold; Dice on published masks."""
+    from inference.evaluate import blood_dice
     from inference.predictor import Predictor
 
     oof = OutOfFold()
@@ -190,25 +191,9 @@ def predict_out_of_fold(
         oof.slice_labels.append(np.asarray(item.slice_labels, dtype=bool))
         oof.slice_probs.append(raw.slice_probabilities.astype(np.float64))
         oof.series_labels.append(np.asarray(item.series_labels, dtype=bool))
-        oof.dice.extend(blood_dice(item, raw.masks))
+        oof.dice.extend((item.key, *d) for d in blood_dice(item, raw.masks))
         logger.info("scored %s (fold %d)", item.key, fold)
     return oof
-
-
-def blood_dice(item: LabelledVolume, masks: np.ndarray) -> list[tuple[str, int, float, int, int, int]]:
-    """Dice of the predicted blood (union of the subtype masks) on each slice with a
-    published blood mask: ``(key, slice index, dice, intersection, predicted, truth)``."""
-    from inference.evaluate import dice
-
-    out: list[tuple[str, int, float, int, int, int]] = []
-    if item.blood_slices is None or item.masks is None:
-        return out
-    for k in np.flatnonzero(item.blood_slices):
-        pred = np.asarray(masks[:, k].any(axis=0), dtype=bool)
-        truth = np.asarray(item.masks[:, k].any(axis=0), dtype=bool)
-        out.append((item.key, int(k), dice(pred, truth), int((pred & truth).sum()),
-                    int(pred.sum()), int(truth.sum())))
-    return out
 
 
 def choose(oof: OutOfFold, target: float, members: np.ndarray | None = None
@@ -233,9 +218,12 @@ def choose(oof: OutOfFold, target: float, members: np.ndarray | None = None
     return pooling, thresholds
 
 
-def _eval_results(oof: OutOfFold, pooling: str, thresholds: dict[str, float],
-                  per_fold: dict[int, tuple[str, dict[str, float]]] | None = None) -> EvalResults:
-    """Series and slice decisions as the predictor makes them (subtypes gated by ``any``)."""
+def _eval_results(
+    oof: OutOfFold, pooling: str, thresholds: dict[str, float],
+    per_fold: dict[int, tuple[str, dict[str, float]]] | None = None,
+) -> tuple[EvalResults, np.ndarray]:
+    """Series decisions as the predictor makes them (subtypes gated by ``any``), and the
+    threshold each slice row is decided at (its fold's with ``per_fold``), (slices, 6)."""
     from inference.evaluate import EvalResults
     from inference.predictor import decide, series_probabilities
 
@@ -245,15 +233,11 @@ def _eval_results(oof: OutOfFold, pooling: str, thresholds: dict[str, float],
         pr = series_probabilities(p, pool)
         d = decide(pr, thr)
         probs.append([pr[c] for c in CLASSES])
-        decisions.append([d["hemorrhage"] if "hemorrhage" in d else d["any"]]
-                         + [d[n] for n in SUBTYPES])
-    slice_thr = np.array([thresholds[c] for c in CLASSES])
-    if per_fold is not None:
-        slice_thr_rows = np.concatenate([
-            np.tile([per_fold[f][1][c] for c in CLASSES], (len(p), 1))
-            for p, f in zip(oof.slice_probs, oof.folds, strict=True)])
-    else:
-        slice_thr_rows = np.tile(slice_thr, (sum(len(p) for p in oof.slice_probs), 1))
+        decisions.append([d[c] for c in CLASSES])
+    slice_thr_rows = np.concatenate([
+        np.tile([(thresholds if per_fold is None else per_fold[f][1])[c] for c in CLASSES],
+                (len(p), 1))
+        for p, f in zip(oof.slice_probs, oof.folds, strict=True)])
     results = EvalResults(
         series_labels=np.stack(oof.series_labels),
         series_probabilities=np.array(probs, dtype=np.float64),
@@ -264,14 +248,13 @@ def _eval_results(oof: OutOfFold, pooling: str, thresholds: dict[str, float],
         keys=list(oof.keys),
         per_series_slices=list(oof.slice_probs),
     )
-    results.slice_threshold_rows = slice_thr_rows  # type: ignore[attr-defined]
-    return results
+    return results, slice_thr_rows
 
 
-def _metrics(results: EvalResults, min_patients: int) -> dict[str, dict[str, BinaryMetrics]]:
+def _metrics(results: EvalResults, rows: np.ndarray,
+             min_patients: int) -> dict[str, dict[str, BinaryMetrics]]:
     from inference.evaluate import BinaryMetrics
 
-    rows = results.slice_threshold_rows  # type: ignore[attr-defined]
     out: dict[str, dict[str, BinaryMetrics]] = {"series": {}, "slice": {}}
     for i, name in enumerate(CLASSES):
         if name != "any" and int(results.series_labels[:, i].sum()) < min_patients:
@@ -293,10 +276,10 @@ def report(oof: OutOfFold, out: Path, target: float) -> str:
     pooling, thresholds = choose(oof, target)
     folds = np.array(oof.folds)
     per_fold = {int(f): choose(oof, target, folds != f) for f in np.unique(folds)}
-    shipped = _eval_results(oof, pooling, thresholds)
-    honest = _eval_results(oof, pooling, thresholds, per_fold)
-    m_shipped = _metrics(shipped, MIN_SUBTYPE_PATIENTS)
-    m_honest = _metrics(honest, MIN_SUBTYPE_PATIENTS)
+    shipped, shipped_rows = _eval_results(oof, pooling, thresholds)
+    honest, honest_rows = _eval_results(oof, pooling, thresholds, per_fold)
+    m_shipped = _metrics(shipped, shipped_rows, MIN_SUBTYPE_PATIENTS)
+    m_honest = _metrics(honest, honest_rows, MIN_SUBTYPE_PATIENTS)
     dices = [d[2] for d in oof.dice]
     inter = sum(d[3] for d in oof.dice)
     total = sum(d[4] + d[5] for d in oof.dice)

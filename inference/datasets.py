@@ -549,8 +549,9 @@ class CtIchDataset:
             raise DatasetError(f"{scan_path}: {hu.shape[0]} slices, but the csv labels "
                                f"{len(ref.slice_numbers)}")
         # Slice numbers count along the file's third axis; follow it through any flip.
-        order = to_lps(np.broadcast_to(np.arange(data.shape[2])[None, None, :], data.shape))
-        file_index = order[:, 0, 0]
+        file_index = np.arange(data.shape[2])
+        if transform[2, 1] < 0:
+            file_index = file_index[::-1]
         labels = ref.slice_labels[file_index]
         spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
         mask_path = path_of("masks")

@@ -165,6 +165,21 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
 
 
+def blood_dice(item: LabelledVolume, masks: np.ndarray) -> list[tuple[int, float, int, int, int]]:
+    """Dice of the predicted blood (union of the subtype ``masks``, (5, z, y, x)) on each
+    slice of ``item`` with a published any-blood mask (``item.blood_slices``):
+    ``(slice index, dice, intersection, predicted pixels, true pixels)``."""
+    out: list[tuple[int, float, int, int, int]] = []
+    if item.blood_slices is None or item.masks is None:
+        return out
+    for k in np.flatnonzero(item.blood_slices):
+        pred = np.asarray(masks[:, k].any(axis=0), dtype=bool)
+        truth = np.asarray(item.masks[:, k].any(axis=0), dtype=bool)
+        out.append((int(k), dice(pred, truth), int((pred & truth).sum()), int(pred.sum()),
+                    int(truth.sum())))
+    return out
+
+
 def pick_threshold(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
     """The decision threshold for at least ``sensitivity`` with the best specificity.
 
@@ -230,7 +245,7 @@ def collect(
     dices: dict[str, list[float]] = {name: [] for name in SUBTYPES}
     keys = []
     per_series: list[np.ndarray] = []
-    blood_dice: list[float] = []
+    blood_dice_values: list[float] = []
     for item in items:
         findings = predictor.predict(item.volume, explain=explain)
         keys.append(item.key)
@@ -250,10 +265,8 @@ def collect(
             slice_probs.append(
                 np.array([[s.probabilities[c] for c in CLASSES] for s in findings.slices])
             )
-        if item.blood_slices is not None and item.masks is not None:
-            for k in np.flatnonzero(item.blood_slices):
-                blood_dice.append(dice(np.asarray(findings.masks[:, k].any(axis=0)),
-                                       np.asarray(item.masks[:, k].any(axis=0))))
+        if item.blood_slices is not None:
+            blood_dice_values.extend(d[1] for d in blood_dice(item, findings.masks))
         elif item.masks is not None:
             voxel_ml = item.volume.voxel_volume_ml
             for i, name in enumerate(SUBTYPES):
@@ -277,7 +290,7 @@ def collect(
         dice=dices,
         keys=keys,
         per_series_slices=per_series,
-        blood_dice=blood_dice,
+        blood_dice=blood_dice_values,
     )
 
 

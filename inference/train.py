@@ -424,9 +424,9 @@ def build_sources(
     val_refs = [r for r in refs if split_of(r.key, args.val_fraction) == "val"]
     if not train_refs or not val_refs:
         # Tiny data sets: hold out the last series so both sides exist.
-        if len(dataset.series) < 2:
+        if len(refs) < 2:
             raise DatasetError("need at least two series (one for validation)")
-        train_refs, val_refs = dataset.series[:-1], dataset.series[-1:]
+        train_refs, val_refs = refs[:-1], refs[-1:]
     logger.info("%s: %d training and %d validation series", args.data, len(train_refs),
                 len(val_refs))
 
