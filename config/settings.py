@@ -88,6 +88,9 @@ class NodeSettings(_Section):
     acse_timeout_seconds: float = Field(30.0, gt=0)
     dimse_timeout_seconds: float = Field(60.0, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
+    #: Largest dataset one C-STORE may carry; beyond it the rest is discarded
+    #: unread and the instance refused with 0xA700 (see config/default.toml).
+    max_instance_mb: int = Field(1024, ge=1, le=4096)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
