@@ -205,6 +205,31 @@ class MetricsSettings(_Section):
     port: int = Field(9112, ge=0, le=65535)
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(:[0-9]{1,5})?$")
+
+
+class UiSettings(_Section):
+    """The web interface (``ichnode ui``): which host names it answers, how big an upload may be."""
+
+    #: Host names the interface answers besides ``localhost`` and ``127.0.0.1`` on its
+    #: own port (the name a reverse proxy passes on); ``name`` or ``name:port``.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    #: All files of one upload together, zips expanded, at most this many MB.
+    upload_max_expanded_mb: int = Field(2048, ge=1)
+    #: At most this many files in one upload, zip members counted one by one.
+    upload_max_files: int = Field(10_000, ge=1)
+    #: Staging and reading one upload may take this long; the model run is not counted.
+    upload_max_read_seconds: float = Field(300.0, gt=0)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not _HOST_NAME.match(host):
+                raise ValueError(f"{host!r} is not a host name or host:port")
+        return [h.lower() for h in value]
+
+
 class DestinationSettings(_Section):
     name: str = Field(min_length=1)
     ae_title: str
@@ -249,6 +274,7 @@ class Settings(BaseSettings):
     jobs: JobSettings = Field(default_factory=JobSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
 
     @model_validator(mode="after")
     def _open_host_needs_allow_list(self) -> Settings:

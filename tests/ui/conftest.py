@@ -11,7 +11,14 @@ against them. A model run is tested separately with real (small, untrained) weig
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,7 @@ from node.worker import JobRunner
 from storage.archive import Archive
 from storage.index import Index, InstanceMeta
 from storage.models import Delivery, DeliveryState, Job, JobState, Series, SeriesStatus
+from tests.interop import REPO, free_port
 
 N_SLICES = 10
 MATRIX = 128
@@ -168,8 +176,11 @@ class NodeData:
     receiving: PhantomSeries
 
 
-def write_config(root: Path, weights: str = "") -> Path:
-    """A node configuration file with its storage under ``root`` and one destination."""
+def write_config(root: Path, weights: str = "", extra: str = "") -> Path:
+    """A node configuration file with its storage under ``root`` and one destination.
+
+    ``extra`` is TOML appended as it is (e.g. a ``[ui]`` section).
+    """
     config = root / "node.toml"
     config.write_text(
         f'[storage]\nroot = "{root / "data"}"\nsqlite_synchronous = "NORMAL"\n'
@@ -177,6 +188,7 @@ def write_config(root: Path, weights: str = "") -> Path:
         "[jobs]\nmax_attempts = 1\n"
         '[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
         '[[destinations]]\nname = "archive"\nae_title = "LTA"\nhost = "127.0.0.1"\nport = 4243\n'
+        + extra
     )
     return config
 
@@ -265,3 +277,42 @@ def build_node_data(root: Path) -> NodeData:
 def node_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeData]:
     """One node storage root for the whole UI test session (built once: it runs the worker)."""
     yield build_node_data(tmp_path_factory.mktemp("node"))
+
+
+@contextlib.contextmanager
+def serve(config: Path) -> Iterator[str]:
+    """``ichnode ui --config config`` on a free loopback port, stopped with SIGTERM afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ICHNODE_UI_CONFIG"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "ui", "--config", str(config), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if child.poll() is not None:
+                output = child.stdout.read() if child.stdout else ""
+                pytest.fail(f"ichnode ui exited with {child.returncode}: {output[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("ichnode ui did not answer its health check within 60 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from inference.volume import load_volume, read_series
 from tests.interop import REAL_5MM, REAL_TILT, REPO, require_real_data
 from tests.ui.conftest import NodeData, make_series, write_config
 
-APP = str(REPO / "ui" / "app.py")
+APP = str(REPO / "ui" / "script.py")
 
 
 def _app(monkeypatch: pytest.MonkeyPatch, config: Path) -> AppTest:
@@ -30,6 +31,11 @@ def _app(monkeypatch: pytest.MonkeyPatch, config: Path) -> AppTest:
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+def shown(markdown: str) -> str:
+    """The text a browser shows for a Markdown body whose punctuation is escaped (ui.text.plain)."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
 
 
 def _run(at: AppTest) -> AppTest:
@@ -213,7 +219,7 @@ def test_viewer_opened_by_link_and_skipped_series(
     at.sidebar.radio[0].set_value("Worklist")
     _run(at)
     _open(at, node_data.skipped_uid)
-    assert at.warning[0].value == (
+    assert shown(at.warning[0].value) == (
         "This series cannot be shown as a volume: localizer (scout) images"
     )
 
@@ -329,7 +335,7 @@ def test_upload_of_non_dicom_says_so(
     _run(at)
     at.get("file_uploader")[0].set_value(("photo.jpg", b"\xff\xd8\xff\xe0 not dicom", "image/jpeg"))
     _run(at)
-    message = at.error[0].value
+    message = shown(at.error[0].value)
     assert message.startswith("Nothing to analyse: none of the 1 files is readable DICOM")
     assert not at.image
 
@@ -339,12 +345,13 @@ def test_missing_index_and_bad_config_are_one_line(
 ) -> None:
     config = write_config(tmp_path)
     at = _app(monkeypatch, config)
-    assert at.warning[0].value.startswith(f"no index at {tmp_path / 'data' / 'index.sqlite'}")
+    assert shown(at.warning[0].value).startswith(f"no index at {tmp_path / 'data' / 'index.sqlite'}")
     bad = tmp_path / "bad.toml"
     bad.write_text("[node]\nport = 0\n")
     at = _app(monkeypatch, bad)
-    assert at.error[0].value.startswith("ichnode cannot start the interface: invalid configuration")
-    assert "node.port" in at.error[0].value
+    message = shown(at.error[0].value)
+    assert message.startswith("ichnode cannot start the interface: invalid configuration")
+    assert "node.port" in message
 
 
 def test_upload_of_real_scanner_files_and_a_single_slice(

@@ -10,15 +10,10 @@ missing, and fails then under ``ICHNODE_REQUIRE_INTEROP=1``.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +25,8 @@ import pytest
 from config import load_settings
 from storage.archive import Archive
 from storage.index import Index
-from tests.interop import REPO, free_port, missing, require_tool
-from tests.ui.conftest import NodeData, make_series, store, write_config
+from tests.interop import REPO, missing, require_tool
+from tests.ui.conftest import NodeData, make_series, serve, store, write_config
 from ui.render import SUBTYPE_COLOURS
 
 pytestmark = pytest.mark.interop
@@ -55,45 +50,6 @@ def _chromium() -> str:
     if path.exists():
         return str(path)
     return require_tool("chromium")
-
-
-@contextlib.contextmanager
-def serve(config: Path) -> Iterator[str]:
-    """``ichnode ui --config config`` on a free loopback port, stopped with SIGTERM afterwards."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "ICHNODE_UI_CONFIG"}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "ui", "--config", str(config), "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if child.poll() is not None:
-                output = child.stdout.read() if child.stdout else ""
-                pytest.fail(f"ichnode ui exited with {child.returncode}: {output[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("ichnode ui did not answer its health check within 60 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 @pytest.fixture
