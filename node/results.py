@@ -13,8 +13,11 @@ import datetime
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
@@ -82,6 +85,10 @@ SUBTYPE_CODES: dict[str, hd.sr.CodedConcept] = {
 }
 MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+# TID 1500 row 12: the report-level "Qualitative Evaluations" container; its TEXT
+# items (concept DCM 121106 "Comment") say what is missing from the answer and why.
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+NOT_ANALYSED = "not analysed"
 
 _SEX = {"M", "F", "O"}
 _DA = re.compile(r"\d{8}")
@@ -91,6 +98,45 @@ _AS = re.compile(r"\d{3}[DWMY]")
 
 class ResultsError(ValueError):
     """Findings and source datasets that cannot be turned into result objects."""
+
+
+class AlgorithmInfo(Protocol):
+    """What identifies the model in every object (a ``SeriesFindings`` or a ``Predictor``)."""
+
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    thresholds: dict[str, float]
+
+
+@dataclass
+class ModelIdentity:
+    """An :class:`AlgorithmInfo` made by hand (a report written without findings)."""
+
+    model_name: str = "ichnode-ich"
+    model_version: str = ""
+    weights_sha256: str = ""
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MissingObject:
+    """A result object that could not be built: which one and why (one line)."""
+
+    kind: str
+    reason: str
+
+    def sentence(self) -> str:
+        """How the SR and the logs say it."""
+        return f"{self.kind} not produced: {self.reason}"
+
+
+@dataclass
+class ResultSet:
+    """The objects built for one series and those that could not be built."""
+
+    objects: list[Dataset]
+    missing: list[MissingObject] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------
@@ -249,19 +295,19 @@ def _series_numbers(header: Dataset) -> tuple[int, int, int]:
     return base + 1, base + 2, base + 3
 
 
-def _software_versions(findings: SeriesFindings) -> list[str]:
+def _software_versions(findings: AlgorithmInfo) -> list[str]:
     model = f"{findings.model_name} {findings.model_version or 'unversioned'}"
     return [f"ichnode {ICHNODE_VERSION}"[:64], model[:64]]
 
 
-def _model_version(findings: SeriesFindings) -> str:
+def _model_version(findings: AlgorithmInfo) -> str:
     version = findings.model_version or "unversioned"
     if findings.weights_sha256:
         version = f"{version} sha256:{findings.weights_sha256[:16]}"
     return version[:64]
 
 
-def _algorithm_identification(findings: SeriesFindings) -> hd.AlgorithmIdentificationSequence:
+def _algorithm_identification(findings: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
     parameters = {"weights_sha256": findings.weights_sha256 or "unknown"}
     for name, value in sorted(findings.thresholds.items()):
         parameters[f"threshold_{name}"] = f"{float(value):.4f}"
@@ -274,7 +320,7 @@ def _algorithm_identification(findings: SeriesFindings) -> hd.AlgorithmIdentific
     )
 
 
-def _sr_algorithm(findings: SeriesFindings) -> hd.sr.AlgorithmIdentification:
+def _sr_algorithm(findings: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=findings.model_name[:64],
         version=_model_version(findings),
@@ -282,7 +328,7 @@ def _sr_algorithm(findings: SeriesFindings) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _common_kwargs(findings: SeriesFindings, now: datetime.datetime) -> dict[str, object]:
+def _common_kwargs(findings: AlgorithmInfo, now: datetime.datetime) -> dict[str, object]:
     return {
         "manufacturer_model_name": "ichnode",
         "software_versions": _software_versions(findings),
@@ -323,6 +369,38 @@ def segmented_subtypes(findings: SeriesFindings) -> list[str]:
         for index, name in enumerate(SUBTYPES)
         if findings.subtypes[name].present and bool(np.any(findings.masks[index]))
     ]
+
+
+def unify_frame_of_reference(headers: Sequence[Dataset]) -> str | None:
+    """Give every header of one geometric stack the same Frame of Reference UID.
+
+    Some anonymisers rewrite every UID per file, so the slices of one stack
+    (one orientation, distinct positions: checked when the volume was built)
+    carry different Frame of Reference UIDs, or only some carry one. The
+    meaning is clear, so the headers (our sanitised copies, never the source
+    files) get the UID most of them carry (the first slice's on a tie), and a
+    warning says so. Returns the UID, or None when no slice has one (then no
+    SEG can be placed in patient coordinates).
+    """
+    values = [str(h.get("FrameOfReferenceUID", "") or "") for h in headers]
+    present = [v for v in values if v]
+    if not present:
+        return None
+    counts = Counter(present)
+    best = max(counts.values())
+    chosen = next(v for v in present if counts[v] == best)
+    if len(counts) > 1 or len(present) < len(values):
+        logger.warning(
+            "series %s: %d distinct Frame of Reference UIDs and %d slices without one in "
+            "one geometric stack; the SEG references %s",
+            headers[0].get("SeriesInstanceUID", "?"),
+            len(counts),
+            len(values) - len(present),
+            chosen,
+        )
+        for header in headers:
+            header.FrameOfReferenceUID = chosen
+    return chosen
 
 
 # ----------------------------------------------------------------------------
@@ -426,20 +504,14 @@ def build_report(
     *,
     series_number: int,
     now: datetime.datetime,
+    notes: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 measurement report: always written, also for a negative series."""
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=DEVICE_OBSERVER_UID,
-        name="ichnode",
-        manufacturer_name=MANUFACTURER,
-        model_name=f"{findings.model_name} {_model_version(findings)}"[:64],
-    )
-    observation_context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=device,
-        )
-    )
+    """The TID 1500 measurement report: always written, also for a negative series.
+
+    ``notes`` (e.g. "SEG not produced: ...") become TEXT items of the report's
+    Qualitative Evaluations container, so the reader learns what is missing.
+    """
+    observation_context = _observation_context(findings)
     algorithm = _sr_algorithm(findings)
     brain = [hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)]
 
@@ -541,30 +613,145 @@ def build_report(
                 )
             )
 
+    evidence: list[Dataset] = list(headers)
+    if seg is not None:
+        evidence.append(seg)
+    return _report(
+        findings, observation_context, groups, evidence, notes, series_number, now, complete=True
+    )
+
+
+def _observation_context(findings: AlgorithmInfo) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=DEVICE_OBSERVER_UID,
+        name="ichnode",
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{findings.model_name} {_model_version(findings)}"[:64],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _report(
+    findings: AlgorithmInfo,
+    observation_context: hd.sr.ObservationContext,
+    groups: Sequence[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ],
+    evidence: Sequence[Dataset],
+    notes: Sequence[str],
+    series_number: int,
+    now: datetime.datetime,
+    *,
+    complete: bool,
+) -> hd.sr.Comprehensive3DSR:
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=codes.LN.HeadCT,
         imaging_measurements=groups,
     )
-    evidence: list[Dataset] = list(headers)
-    if seg is not None:
-        evidence.append(seg)
+    if notes:
+        container = hd.sr.ContainerContentItem(
+            name=QUALITATIVE_EVALUATIONS,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        container.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.TextContentItem(
+                    name=codes.DCM.Comment,
+                    value=_clean_note(note),
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+                for note in notes
+            ]
+        )
+        report[0].ContentSequence.append(container)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+        evidence=list(evidence),
         content=report,
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=complete,
         is_final=False,
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
         **_common_kwargs(findings, now),  # type: ignore[arg-type]
     )
-    if headers[0].get("StudyDescription"):
-        sr.StudyDescription = headers[0].StudyDescription
+    if evidence[0].get("StudyDescription"):
+        sr.StudyDescription = evidence[0].StudyDescription
+    return sr
+
+
+def _clean_note(note: str) -> str:
+    """One printable line of at most 1024 characters (a TEXT value, UT)."""
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in note).split())
+    return text[:1024] or "unknown"
+
+
+def report_notes(report: Dataset) -> list[str]:
+    """The TEXT items of a report's Qualitative Evaluations container (what is missing)."""
+    notes: list[str] = []
+    for item in report.get("ContentSequence", []):
+        concept = item.get("ConceptNameCodeSequence")
+        if not concept or str(concept[0].CodeValue) != QUALITATIVE_EVALUATIONS.value:
+            continue
+        notes.extend(
+            str(child.TextValue)
+            for child in item.get("ContentSequence", [])
+            if child.get("ValueType") == "TEXT"
+        )
+    return notes
+
+
+def build_not_analysed_report(
+    source_datasets: Sequence[Dataset],
+    reason: str,
+    algorithm: AlgorithmInfo,
+    *,
+    now: datetime.datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of a routed series that could not be analysed: "not analysed" and why.
+
+    No finding is stated (neither present nor absent), so silence is never read
+    as "no bleed". ``source_datasets`` are headers of the series (pixel data not
+    needed); the first one identifies patient, study and series, and all are
+    listed as evidence. The report is marked PARTIAL.
+    """
+    now = now or datetime.datetime.now()
+    if not source_datasets:
+        raise ResultsError("no source header for a not-analysed report")
+    headers = [sanitized_header(ds) for ds in source_datasets]
+    if len({h.StudyInstanceUID for h in headers}) != 1:
+        raise ResultsError("source datasets come from more than one study")
+    _, sr_number, _ = _series_numbers(headers[0])
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier="intracranial hemorrhage, series"
+        ),
+        finding_type=codes.SCT.IntracranialHemorrhage,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
+        algorithm_id=_sr_algorithm(algorithm),
+    )
+    note = f"{NOT_ANALYSED}: {reason}"
+    sr = _report(
+        algorithm,
+        _observation_context(algorithm),
+        [group],
+        headers,
+        [note],
+        sr_number,
+        now,
+        complete=False,
+    )
+    logger.info("series %s: not-analysed report (%s)", headers[0].SeriesInstanceUID, reason)
     return sr
 
 
@@ -615,65 +802,91 @@ def build_key_images(
     now: datetime.datetime,
 ) -> list[hd.sc.SCImage]:
     """One RGB key image per subtype found: its largest slice with outline and heat map."""
-    images: list[hd.sc.SCImage] = []
     series_instance_uid = hd.UID()
-    for name in segmented_subtypes(findings):
-        mask = np.asarray(findings.masks[SUBTYPES.index(name)], dtype=bool)
-        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
-        index = int(np.argmax(areas))
-        header = headers[index]
-        finding = findings.subtypes[name]
-        heat = None if findings.gradcam is None else np.asarray(findings.gradcam[index])
-        lines = [
-            DISCLAIMER,
-            f"{name} hemorrhage  p={finding.probability:.2f}  {finding.volume_ml:.1f} mL",
-            f"{findings.model_name} {findings.model_version or ''}  "
-            f"slice {index + 1}/{len(headers)}".strip(),
-        ]
-        rgb = drawing.key_image(
-            _hu_slice(index, headers, sources, hu),
-            mask[index],
-            drawing.SUBTYPE_COLOURS[name],
-            lines,
-            heat,
-        )
-        spacing = header.get("PixelSpacing")
-        sc = hd.sc.SCImage(
-            pixel_array=rgb,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            study_instance_uid=header.StudyInstanceUID,
+    return [
+        build_key_image(
+            findings,
+            headers,
+            sources,
+            name,
+            hu=hu,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=len(images) + 1,
-            manufacturer=MANUFACTURER,
-            patient_id=header.PatientID,
-            patient_name=header.PatientName,
-            patient_birth_date=header.PatientBirthDate,
-            patient_sex=header.PatientSex or None,
-            accession_number=header.AccessionNumber,
-            study_id=header.StudyID,
-            study_date=header.StudyDate or None,
-            study_time=header.StudyTime or None,
-            referring_physician_name=header.ReferringPhysicianName,
-            pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
-            patient_orientation=_patient_orientation(header),
-            series_description=SC_SERIES_DESCRIPTION,
-            **_common_kwargs(findings, now),  # type: ignore[arg-type]
+            instance_number=number,
+            now=now,
         )
-        sc.BurnedInAnnotation = "YES"
-        sc.Laterality = ""  # Type 2C, empty: a head is not a paired structure
-        sc.DerivationDescription = f"{DISCLAIMER}; {name} hemorrhage outline and Grad-CAM"
-        source_item = Dataset()
-        source_item.ReferencedSOPClassUID = header.SOPClassUID
-        source_item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-        sc.SourceImageSequence = [source_item]
-        if header.get("StudyDescription"):
-            sc.StudyDescription = header.StudyDescription
-        images.append(sc)
-    return images
+        for number, name in enumerate(segmented_subtypes(findings), start=1)
+    ]
+
+
+def build_key_image(
+    findings: SeriesFindings,
+    headers: Sequence[Dataset],
+    sources: Sequence[Dataset],
+    name: str,
+    *,
+    hu: np.ndarray | None,
+    series_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    now: datetime.datetime,
+) -> hd.sc.SCImage:
+    """The key image of subtype ``name``: its largest slice with outline and heat map."""
+    mask = np.asarray(findings.masks[SUBTYPES.index(name)], dtype=bool)
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    index = int(np.argmax(areas))
+    header = headers[index]
+    finding = findings.subtypes[name]
+    heat = None if findings.gradcam is None else np.asarray(findings.gradcam[index])
+    lines = [
+        DISCLAIMER,
+        f"{name} hemorrhage  p={finding.probability:.2f}  {finding.volume_ml:.1f} mL",
+        f"{findings.model_name} {findings.model_version or ''}  "
+        f"slice {index + 1}/{len(headers)}".strip(),
+    ]
+    rgb = drawing.key_image(
+        _hu_slice(index, headers, sources, hu),
+        mask[index],
+        drawing.SUBTYPE_COLOURS[name],
+        lines,
+        heat,
+    )
+    spacing = header.get("PixelSpacing")
+    sc = hd.sc.SCImage(
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=header.StudyInstanceUID,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_id=header.PatientID,
+        patient_name=header.PatientName,
+        patient_birth_date=header.PatientBirthDate,
+        patient_sex=header.PatientSex or None,
+        accession_number=header.AccessionNumber,
+        study_id=header.StudyID,
+        study_date=header.StudyDate or None,
+        study_time=header.StudyTime or None,
+        referring_physician_name=header.ReferringPhysicianName,
+        pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+        patient_orientation=_patient_orientation(header),
+        series_description=SC_SERIES_DESCRIPTION,
+        **_common_kwargs(findings, now),  # type: ignore[arg-type]
+    )
+    sc.BurnedInAnnotation = "YES"
+    sc.Laterality = ""  # Type 2C, empty: a head is not a paired structure
+    sc.DerivationDescription = f"{DISCLAIMER}; {name} hemorrhage outline and Grad-CAM"
+    source_item = Dataset()
+    source_item.ReferencedSOPClassUID = header.SOPClassUID
+    source_item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    sc.SourceImageSequence = [source_item]
+    if header.get("StudyDescription"):
+        sc.StudyDescription = header.StudyDescription
+    return sc
 
 
 # ----------------------------------------------------------------------------
@@ -681,14 +894,24 @@ def build_key_images(
 # ----------------------------------------------------------------------------
 
 
-def encode_results(
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def build_results(
     findings: SeriesFindings,
     source_datasets: Sequence[Dataset],
     *,
     hu: np.ndarray | None = None,
     now: datetime.datetime | None = None,
-) -> list[Dataset]:
-    """Build the result objects of one series: [SEG if found], SR, [SC per subtype found].
+) -> ResultSet:
+    """Build the result objects of one series, each independently of the others.
+
+    A SEG or key image that cannot be built is left out and named, with the
+    reason, in :attr:`ResultSet.missing` and in the SR's Qualitative
+    Evaluations, so the SR and the other objects still go out. Only an SR that
+    cannot be built, or findings that do not fit the source datasets, raise.
 
     Parameters
     ----------
@@ -706,10 +929,50 @@ def encode_results(
     headers = [sanitized_header(ds) for ds in source_datasets]
     _check_inputs(findings, headers)
     seg_number, sr_number, sc_number = _series_numbers(headers[0])
-    seg = build_segmentation(findings, headers, series_number=seg_number, now=now)
-    sr = build_report(findings, headers, seg, series_number=sr_number, now=now)
-    key_images = build_key_images(
-        findings, headers, source_datasets, hu=hu, series_number=sc_number, now=now
+    series_instance_uid = findings.series_instance_uid
+    missing: list[MissingObject] = []
+
+    seg: hd.seg.Segmentation | None = None
+    if segmented_subtypes(findings):
+        unify_frame_of_reference(headers)
+        try:
+            seg = build_segmentation(findings, headers, series_number=seg_number, now=now)
+        except Exception as exc:  # any encoder failure degrades to a missing SEG
+            logger.debug("series %s: SEG not built", series_instance_uid, exc_info=True)
+            missing.append(MissingObject("SEG", _one_line(exc)))
+
+    key_images: list[Dataset] = []
+    sc_series_instance_uid = hd.UID()
+    for name in segmented_subtypes(findings):
+        try:
+            key_images.append(
+                build_key_image(
+                    findings,
+                    headers,
+                    source_datasets,
+                    name,
+                    hu=hu,
+                    series_instance_uid=sc_series_instance_uid,
+                    series_number=sc_number,
+                    instance_number=len(key_images) + 1,
+                    now=now,
+                )
+            )
+        except Exception as exc:  # a key image that fails is left out, see above
+            logger.debug(
+                "series %s: %s key image not built", series_instance_uid, name, exc_info=True
+            )
+            missing.append(MissingObject(f"{name} key image", _one_line(exc)))
+
+    for item in missing:
+        logger.warning("series %s: %s", series_instance_uid, item.sentence())
+    sr = build_report(
+        findings,
+        headers,
+        seg,
+        series_number=sr_number,
+        now=now,
+        notes=[item.sentence() for item in missing],
     )
     objects: list[Dataset] = []
     if seg is not None:
@@ -717,13 +980,25 @@ def encode_results(
     objects.append(sr)
     objects.extend(key_images)
     logger.info(
-        "series %s: %d result objects (SEG %s, key images %d)",
-        findings.series_instance_uid,
+        "series %s: %d result objects (SEG %s, key images %d, missing %d)",
+        series_instance_uid,
         len(objects),
         "yes" if seg is not None else "no",
         len(key_images),
+        len(missing),
     )
-    return objects
+    return ResultSet(objects, missing)
+
+
+def encode_results(
+    findings: SeriesFindings,
+    source_datasets: Sequence[Dataset],
+    *,
+    hu: np.ndarray | None = None,
+    now: datetime.datetime | None = None,
+) -> list[Dataset]:
+    """The objects of :func:`build_results`: [SEG if found], SR, [SC per subtype found]."""
+    return build_results(findings, source_datasets, hu=hu, now=now).objects
 
 
 def _file_prefix(ds: Dataset) -> str:

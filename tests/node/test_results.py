@@ -300,8 +300,13 @@ def test_key_images_without_hu_read_source_pixels(tmp_path: Path) -> None:
     headers_only = [pydicom.Dataset(ds) for ds in datasets]
     for ds in headers_only:
         del ds.PixelData
-    with pytest.raises(results.ResultsError, match="pixel"):
-        results.encode_results(findings, headers_only, now=FIXED_NOW)
+    # no pixels and no HU: the key image cannot be drawn; SEG and SR still come,
+    # and the SR says what is missing and why
+    built = results.build_results(findings, headers_only, now=FIXED_NOW)
+    assert [ds.Modality for ds in built.objects] == ["SEG", "SR"]
+    (missing,) = built.missing
+    assert missing.kind == "epidural key image" and "pixel" in missing.reason
+    assert results.report_notes(built.objects[1]) == [missing.sentence()]
 
 
 @pytest.mark.interop
@@ -320,8 +325,9 @@ def test_bad_source_headers_are_sanitised(
         assert ds.PatientBirthDate == ""
         assert ds.StudyDate == ""
         assert ds.StudyTime == ""
-        assert ds.AccessionNumber == "ACCESSION-NUMBE"[:16] or len(ds.AccessionNumber) <= 16
-        assert len(ds.StudyID) <= 16
+        # cut to the 16 characters of SH, never dropped or left too long
+        assert ds.AccessionNumber == "ACCESSION-NUMBER-FAR-TOO-LONG"[:16] == "ACCESSION-NUMBER"
+        assert ds.StudyID == "STUDY-ID-THAT-IS-TOO-LONG"[:16] == "STUDY-ID-THAT-IS"
         assert len(str(ds.PatientName)) <= 64
         assert str(ds.PatientName).startswith("Doe^Jane")
         assert "PatientAge" not in ds
