@@ -169,12 +169,24 @@ class RoutingSettings(_Section):
 
 
 class JobSettings(_Section):
-    """Analysis jobs: retries and how a job of a dead worker is recognised."""
+    """Analysis jobs: retries, how a job of a dead worker is recognised, size limits.
+
+    ``max_series_slices`` / ``max_series_voxels``: a larger series is skipped
+    with the reason before its pixel data is read (a worker's memory grows with
+    both). ``report_not_analysed``: a routed series that is skipped or fails
+    after its retries still gets an SR saying "not analysed" and why.
+    ``stop_grace_seconds``: on stop, a worker may finish its job this long, then
+    it is killed (the job is taken up again at the next start).
+    """
 
     max_attempts: int = Field(3, ge=1, le=100)
     retry_backoff_seconds: float = Field(10.0, gt=0)
     heartbeat_seconds: float = Field(2.0, gt=0)
     stale_after_seconds: float = Field(30.0, gt=0)
+    max_series_slices: int = Field(2000, ge=1)
+    max_series_voxels: int = Field(700_000_000, ge=1)
+    report_not_analysed: bool = True
+    stop_grace_seconds: float = Field(20.0, gt=0)
 
 
 class DeliverySettings(_Section):

@@ -41,6 +41,32 @@ class SeriesSkipped(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class SeriesLimits:
+    """How big a series may be to be analysed; None: no limit.
+
+    A worker's memory grows with the voxels of a series (HU volume, network
+    input) and with its slices (one header and one result reference each), so
+    both are bounded before any pixel data is decoded.
+    """
+
+    max_slices: int | None = None
+    max_voxels: int | None = None
+
+    def check(self, slices: int, rows: int, columns: int) -> None:
+        """Raise :class:`SeriesSkipped` when ``slices`` of ``rows`` x ``columns`` exceed a limit."""
+        if self.max_slices is not None and slices > self.max_slices:
+            raise SeriesSkipped(
+                f"{slices} slices, more than the {self.max_slices} allowed per series"
+            )
+        voxels = slices * max(rows, 0) * max(columns, 0)
+        if self.max_voxels is not None and voxels > self.max_voxels:
+            raise SeriesSkipped(
+                f"{voxels} voxels ({slices} x {rows} x {columns}), more than the "
+                f"{self.max_voxels} allowed per series"
+            )
+
+
 @dataclass
 class Volume:
     """One series as a HU volume.
@@ -222,7 +248,7 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return np.asarray((stored >= lo) & (stored <= hi))
 
 
-def load_volume(datasets: Sequence[Dataset]) -> Volume:
+def load_volume(datasets: Sequence[Dataset], limits: SeriesLimits | None = None) -> Volume:
     """Build the volume of one series.
 
     Parameters
@@ -230,6 +256,8 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
     datasets
         The instances of one series, in any order. Pixel data may be absent or
         deferred when the datasets know their ``filename``.
+    limits
+        Maximum slices and voxels; checked before any pixel data is decoded.
 
     Returns
     -------
@@ -241,10 +269,16 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
     ------
     SeriesSkipped
         Not CT, ichnode's own output, a localizer, no pixel data, mixed matrix
-        sizes, pixel spacing or orientations, duplicate slice positions, or pixel
-        data that cannot be decoded.
+        sizes, pixel spacing or orientations, duplicate slice positions, pixel
+        data that cannot be decoded, or more slices or voxels than ``limits``.
     """
     datasets = list(datasets)
+    if limits is not None and datasets:
+        limits.check(
+            len(datasets),
+            int(datasets[0].get("Rows", 0) or 0),
+            int(datasets[0].get("Columns", 0) or 0),
+        )
     _check_series(datasets)
     first = datasets[0]
     orientation = _floats(first, "ImageOrientationPatient", 6)

@@ -20,7 +20,6 @@ import ctypes
 import datetime as dt
 import logging
 import multiprocessing
-import multiprocessing.synchronize
 import os
 import shutil
 import signal
@@ -30,9 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import delete, or_, select, update
 
 from config.settings import Settings
@@ -52,11 +52,13 @@ from storage.models import (
 
 if TYPE_CHECKING:
     from inference.predictor import Predictor
+    from inference.volume import SeriesLimits
     from node.service import NodeService
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_DEFER_SIZE = 4096  # bytes: larger values (pixel data) stay in the file until decoded
 
 
 class JobAbandoned(Exception):
@@ -237,20 +239,36 @@ class JobRunner:
             ).all()
         return [str(r[0]) for r in rows], {str(r[1]) for r in rows if r[1]}
 
+    def limits(self) -> SeriesLimits:
+        """The ``[jobs]`` size limits of an analysed series."""
+        from inference.volume import SeriesLimits
+
+        jobs = self.settings.jobs
+        return SeriesLimits(max_slices=jobs.max_series_slices, max_voxels=jobs.max_series_voxels)
+
     def _analyse(self, job: ClaimedJob) -> JobOutcome:
         from inference.volume import SeriesSkipped, load_volume
-        from node.results import encode_results
+        from node.results import build_results
 
         paths, calling_aets = self._series_files(job.series_id)
         if not paths:
             raise SeriesSkipped("no instances in the archive")
-        datasets = [dcmread(p) for p in paths]
-        volume = load_volume(datasets)
+        # Bounded before anything else is read: a series of 10,000 tiny slices
+        # must not cost the worker its memory.
+        first = dcmread(paths[0], stop_before_pixels=True)
+        self.limits().check(len(paths), int(first.get("Rows", 0)), int(first.get("Columns", 0)))
+        del first
+        # Headers only: pixel data stays in the files and is decoded slice by slice
+        # into the HU volume, so memory follows the voxels, not the datasets.
+        datasets = [dcmread(p, defer_size=_DEFER_SIZE) for p in paths]
+        volume = load_volume(datasets, self.limits())
+        del datasets
         started = time.perf_counter()
         findings = self.predictor.predict(volume, explain=True)
         inference_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        objects = encode_results(findings, volume.datasets, hu=volume.hu)
+        built = build_results(findings, volume.datasets, hu=volume.hu)
+        objects = built.objects
         files = write_result_files(self.results_root / str(job.id), objects)
         encoding_seconds = time.perf_counter() - started
         destinations = destinations_for(self.settings, calling_aets)
@@ -258,85 +276,144 @@ class JobRunner:
         with self.index.session() as session:
             row = self._own(session, job)
             series = session.get(Series, job.series_id)
-            assert series is not None
-            newer = session.execute(
-                select(Job.id).where(
-                    Job.series_id == job.series_id,
-                    Job.id > job.id,
-                    Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.DONE]),
-                )
-            ).first()
-            if newer is not None:
-                row.state = JobState.SUPERSEDED
-                row.finished_at = now
-                row.error = f"superseded by job {newer[0]} before it finished"
-                shutil.rmtree(self.results_root / str(job.id), ignore_errors=True)
-                return JobOutcome(job.id, "superseded", [], row.error)
-            # Keyed by job: rows of an earlier run of this same job are replaced
-            # (their files were replaced above), so one job has one set.
-            session.execute(
-                delete(Result)
-                .where(Result.job_id == job.id)
-                .execution_options(synchronize_session=False)
-            )
-            session.execute(
-                update(Result)
-                .where(Result.series_id == job.series_id, Result.job_id != job.id)
-                .values(superseded=True)
-                .execution_options(synchronize_session=False)
-            )
-            session.execute(
-                update(Job)
-                .where(
-                    Job.series_id == job.series_id,
-                    Job.id < job.id,
-                    Job.state == JobState.DONE,
-                )
-                .values(state=JobState.SUPERSEDED)
-                .execution_options(synchronize_session=False)
-            )
-            for ds, path in zip(objects, files, strict=True):
-                result = Result(
-                    job_id=job.id,
-                    series_id=job.series_id,
-                    kind=_kind(ds),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                    path=str(path),
-                    superseded=False,
-                    created_at=now,
-                )
-                session.add(result)
-                session.flush()
-                for name in destinations:
-                    session.add(
-                        Delivery(
-                            result_id=result.id,
-                            destination=name,
-                            state=DeliveryState.PENDING,
-                            attempts=0,
-                            created_at=now,
-                        )
-                    )
+            if series is None:
+                raise JobAbandoned(f"series {job.series_id} of job {job.id} is gone")
+            superseded = self._superseded(session, job, row, now)
+            if superseded is not None:
+                return superseded
+            self._record_results(session, job, objects, files, destinations, now)
             series.hemorrhage = bool(findings.hemorrhage_present)
             series.hemorrhage_probability = float(findings.hemorrhage_probability)
             series.status = SeriesStatus.DONE
-            series.reason = None
+            series.reason = (
+                "; ".join(m.sentence() for m in built.missing) if built.missing else None
+            )
             row.state = JobState.DONE
             row.finished_at = now
-            row.error = None
+            row.error = series.reason
             row.inference_seconds = inference_seconds
             row.encoding_seconds = encoding_seconds
         logger.info(
-            "job %s done: hemorrhage=%s, %d objects, %d deliveries (inference %.2f s, encoding %.2f s)",
+            "job %s done: hemorrhage=%s, %d objects, %d missing, %d deliveries "
+            "(inference %.2f s, encoding %.2f s)",
             job.id,
             findings.hemorrhage_present,
             len(files),
+            len(built.missing),
             len(files) * len(destinations),
             inference_seconds,
             encoding_seconds,
         )
         return JobOutcome(job.id, "done", [str(p) for p in files])
+
+    def _superseded(
+        self, session: Any, job: ClaimedJob, row: Job, now: dt.datetime
+    ) -> JobOutcome | None:
+        """Mark the job superseded (and drop its files) when a newer job of its series exists."""
+        newer = session.execute(
+            select(Job.id).where(
+                Job.series_id == job.series_id,
+                Job.id > job.id,
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.DONE]),
+            )
+        ).first()
+        if newer is None:
+            return None
+        row.state = JobState.SUPERSEDED
+        row.finished_at = now
+        row.error = f"superseded by job {newer[0]} before it finished"
+        shutil.rmtree(self.results_root / str(job.id), ignore_errors=True)
+        return JobOutcome(job.id, "superseded", [], row.error)
+
+    def _record_results(
+        self,
+        session: Any,
+        job: ClaimedJob,
+        objects: Sequence[Dataset],
+        files: Sequence[Path],
+        destinations: Sequence[str],
+        now: dt.datetime,
+    ) -> None:
+        """The job's result rows and their deliveries; earlier sets of the series superseded."""
+        # Keyed by job: rows of an earlier run of this same job are replaced
+        # (their files were replaced too), so one job has one set.
+        session.execute(
+            delete(Result)
+            .where(Result.job_id == job.id)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            update(Result)
+            .where(Result.series_id == job.series_id, Result.job_id != job.id)
+            .values(superseded=True)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            update(Job)
+            .where(
+                Job.series_id == job.series_id,
+                Job.id < job.id,
+                Job.state == JobState.DONE,
+            )
+            .values(state=JobState.SUPERSEDED)
+            .execution_options(synchronize_session=False)
+        )
+        for ds, path in zip(objects, files, strict=True):
+            result = Result(
+                job_id=job.id,
+                series_id=job.series_id,
+                kind=_kind(ds),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                path=str(path),
+                superseded=False,
+                created_at=now,
+            )
+            session.add(result)
+            session.flush()
+            for name in destinations:
+                session.add(
+                    Delivery(
+                        result_id=result.id,
+                        destination=name,
+                        state=DeliveryState.PENDING,
+                        attempts=0,
+                        created_at=now,
+                    )
+                )
+
+    def _not_analysed_report(
+        self, job: ClaimedJob, reason: str
+    ) -> tuple[list[Dataset], list[Path], list[str]]:
+        """Write the "not analysed" SR of the job's series; empty when none can or should be.
+
+        Its evidence is the first readable instance of the series (pixel data
+        not read): enough to place it in the right patient, study and series.
+        """
+        from node.results import ResultsError, build_not_analysed_report, is_ichnode_output
+
+        if not self.settings.jobs.report_not_analysed:
+            return [], [], []
+        paths, calling_aets = self._series_files(job.series_id)
+        header = None
+        for path in paths:
+            try:
+                header = dcmread(path, stop_before_pixels=True)
+                break
+            except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+                logger.warning("job %s: cannot read %s: %s", job.id, path, exc)
+        if header is None:
+            logger.warning("job %s: no readable instance, no not-analysed report", job.id)
+            return [], [], []
+        if is_ichnode_output(header):
+            return [], [], []  # never answer our own output (it would go round in circles)
+        try:
+            report = build_not_analysed_report([header], reason, self.predictor)
+            files = write_result_files(self.results_root / str(job.id), [report])
+        except (ResultsError, ValueError, TypeError, AttributeError, OSError) as exc:
+            logger.error("job %s: the not-analysed report cannot be written: %s", job.id, exc)
+            return [], [], []
+        return [report], files, destinations_for(self.settings, calling_aets)
 
     def _own(self, session: Any, job: ClaimedJob) -> Job:
         row = session.get(Job, job.id)
@@ -345,20 +422,41 @@ class JobRunner:
         return row  # type: ignore[no-any-return]
 
     def _finish_skipped(self, job: ClaimedJob, reason: str) -> JobOutcome:
+        objects, files, destinations = self._not_analysed_report(job, reason)
+        now = utcnow()
         with self.index.session() as session:
             row = self._own(session, job)
+            if objects:
+                superseded = self._superseded(session, job, row, now)
+                if superseded is not None:
+                    return superseded
+                self._record_results(session, job, objects, files, destinations, now)
             row.state = JobState.DONE
-            row.finished_at = utcnow()
+            row.finished_at = now
             row.error = f"skipped: {reason}"
             series = session.get(Series, job.series_id)
             if series is not None:
                 series.status = SeriesStatus.SKIPPED
                 series.reason = reason
-        logger.info("job %s: series skipped: %s", job.id, reason)
-        return JobOutcome(job.id, "skipped", [], reason)
+        logger.info(
+            "job %s: series skipped: %s (not-analysed report: %s)",
+            job.id,
+            reason,
+            "yes" if objects else "no",
+        )
+        return JobOutcome(job.id, "skipped", [str(p) for p in files], reason)
 
     def _finish_failed(self, job: ClaimedJob, reason: str) -> JobOutcome:
         jobs = self.settings.jobs
+        final = job.attempts >= jobs.max_attempts
+        objects: list[Dataset] = []
+        files: list[Path] = []
+        destinations: list[str] = []
+        if final:
+            objects, files, destinations = self._not_analysed_report(
+                job, f"analysis failed after {job.attempts} attempts: {reason}"
+            )
+        now = utcnow()
         with self.index.session() as session:
             try:
                 row = self._own(session, job)
@@ -367,16 +465,21 @@ class JobRunner:
             row.error = reason
             series = session.get(Series, job.series_id)
             if row.attempts >= jobs.max_attempts:
+                if objects:
+                    superseded = self._superseded(session, job, row, now)
+                    if superseded is not None:
+                        return superseded
+                    self._record_results(session, job, objects, files, destinations, now)
                 row.state = JobState.FAILED
-                row.finished_at = utcnow()
+                row.finished_at = now
                 if series is not None:
                     series.status = SeriesStatus.FAILED
                     series.reason = f"analysis failed after {row.attempts} attempts: {reason}"
-                return JobOutcome(job.id, "failed", [], reason)
+                return JobOutcome(job.id, "failed", [str(p) for p in files], reason)
             wait = jobs.retry_backoff_seconds * 2 ** (row.attempts - 1)
             row.state = JobState.QUEUED
             row.claimed_by = None
-            row.not_before = utcnow() + dt.timedelta(seconds=wait)
+            row.not_before = now + dt.timedelta(seconds=wait)
             if series is not None:
                 series.status = SeriesStatus.QUEUED
                 series.reason = f"attempt {row.attempts} failed, retry in {wait:.0f} s: {reason}"
@@ -438,17 +541,46 @@ def _warm_up(predictor: Predictor) -> None:
     logger.info("warm-up took %.1f s", time.perf_counter() - started)
 
 
+class _Flag(Protocol):
+    """A shared ``ctypes`` boolean (``multiprocessing`` RawValue): no lock, so no deadlock."""
+
+    value: bool
+
+
+def _sleep_unless(flags: Sequence[Any], seconds: float) -> None:
+    """Sleep ``seconds`` in short steps; return early once any of ``flags`` is true."""
+    deadline = time.monotonic() + seconds
+    while not any(f.value for f in flags):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
 def worker_main(
     settings_data: dict[str, Any],
-    stop: multiprocessing.synchronize.Event,
-    ready: multiprocessing.synchronize.Event,
+    stop: _Flag,
+    ready: _Flag,
     log_level: int,
     poll_seconds: float,
 ) -> None:
-    """Entry point of a worker process: load the model, then process jobs until ``stop``."""
+    """Entry point of a worker process: load the model, then process jobs until ``stop``.
+
+    ``stop`` and ``ready`` are lock-free shared booleans: a worker that dies at
+    any moment (SIGKILL, OOM, the SIGTERM systemd sends the whole process
+    group) can never leave a lock or condition behind that the main process
+    would then wait on forever. SIGTERM here only asks the worker to stop after
+    its current job; the main process decides when to kill it.
+    """
     _die_with_parent()
     parent = os.getppid()
+    terminated = _LocalFlag()
+
+    def _on_sigterm(signum: int, frame: object) -> None:
+        terminated.value = True
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
@@ -473,14 +605,23 @@ def worker_main(
     )
     runner = JobRunner(settings, index, predictor)
     _warm_up(predictor)
-    ready.set()
+    ready.value = True
     logger.info("worker %s ready", runner.claimed_by)
-    while not stop.is_set() and os.getppid() == parent:
+    flags = (stop, terminated)
+    while not any(f.value for f in flags) and os.getppid() == parent:
         if runner.run_one() is None:
-            stop.wait(poll_seconds)
+            _sleep_unless(flags, poll_seconds)
         else:
             release_free_heap()
+    logger.info("worker %s stopping", runner.claimed_by)
     index.dispose()
+
+
+class _LocalFlag:
+    """A boolean with the shape of :class:`_Flag`, for this process only."""
+
+    def __init__(self) -> None:
+        self.value = False
 
 
 class WorkerPool:
@@ -499,9 +640,12 @@ class WorkerPool:
         self.count = count
         self.poll_seconds = poll_seconds
         self._ctx = multiprocessing.get_context("spawn")
-        self._stop = self._ctx.Event()
+        # Lock-free shared booleans, never multiprocessing.Event: Event.set() waits
+        # on a condition whose sleepers are the workers, and hangs for ever when a
+        # worker died while waiting (SIGTERM to the process group, SIGKILL, OOM).
+        self._stop: Any = self._ctx.RawValue(ctypes.c_bool, False)
         self._processes: list[SpawnProcess] = []
-        self._ready: list[multiprocessing.synchronize.Event] = []
+        self._ready: list[Any] = []
         self._failures: list[int] = []
         self._restart_at: list[float] = []
         self._monitor_stop = threading.Event()
@@ -509,8 +653,8 @@ class WorkerPool:
 
     name = "workers"
 
-    def _spawn(self) -> tuple[SpawnProcess, multiprocessing.synchronize.Event]:
-        ready = self._ctx.Event()
+    def _spawn(self) -> tuple[SpawnProcess, Any]:
+        ready = self._ctx.RawValue(ctypes.c_bool, False)
         process = self._ctx.Process(
             target=worker_main,
             args=(
@@ -545,7 +689,11 @@ class WorkerPool:
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every worker loaded its model."""
         deadline = time.monotonic() + timeout
-        return all(r.wait(max(0.0, deadline - time.monotonic())) for r in self._ready)
+        while not all(r.value for r in self._ready):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def check(self) -> int:
         """Restart workers that died; return how many were restarted.
@@ -554,7 +702,7 @@ class WorkerPool:
         is restarted after a growing pause, so a broken installation does not
         spin; one that dies while working is restarted at once.
         """
-        if self._stop.is_set():
+        if self._stop.value:
             return 0
         restarted = 0
         now = time.monotonic()
@@ -562,7 +710,7 @@ class WorkerPool:
             if process.is_alive() or now < self._restart_at[i]:
                 continue
             if self._restart_at[i] == 0.0:  # first look at this exit
-                self._failures[i] = 0 if self._ready[i].is_set() else self._failures[i] + 1
+                self._failures[i] = 0 if self._ready[i].value else self._failures[i] + 1
             pause = min(300.0, 5.0 * 2 ** (self._failures[i] - 1)) if self._failures[i] else 0.0
             if pause and self._restart_at[i] == 0.0:
                 self._restart_at[i] = now + pause
@@ -587,18 +735,28 @@ class WorkerPool:
         """Process ids of the workers."""
         return [p.pid for p in self._processes if p.pid is not None]
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Let the workers finish their current job, then stop them."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Let the workers finish their current job, then stop them.
+
+        A worker still busy after ``timeout`` (default ``jobs.stop_grace_seconds``)
+        is killed; its job is taken up again at the next start. Nothing here
+        waits on a worker's cooperation, so a worker that already died, or got
+        the same SIGTERM first, cannot hold the stop up.
+        """
+        grace = self.settings.jobs.stop_grace_seconds if timeout is None else timeout
+        deadline = time.monotonic() + grace
         self._monitor_stop.set()
         if self._monitor is not None:
             self._monitor.join()
-        self._stop.set()
-        deadline = time.monotonic() + timeout
+        self._stop.value = True
         for process in self._processes:
-            process.join(max(0.1, deadline - time.monotonic()))
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
             if process.is_alive():
-                logger.warning("worker pid %s did not stop in time; terminating", process.pid)
-                process.terminate()
+                logger.warning(
+                    "worker pid %s did not stop within %.0f s; killing it", process.pid, grace
+                )
+                process.kill()
                 process.join(5)
 
 

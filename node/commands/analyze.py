@@ -9,7 +9,8 @@ to stderr only.
 
 Exit codes: 0 when every series was analysed (series that are ichnode's own
 output are skipped and do not count against it); 1 when some input could not
-be analysed (a skipped series, a file that is not readable DICOM); 2 when
+be analysed (a skipped series, a file that is not readable DICOM) or a result
+object could not be built (listed under ``"missing"``, the others are written); 2 when
 nothing could be done (a path that does not exist, unusable weights or device,
 an output folder that cannot be written).
 """
@@ -59,6 +60,7 @@ class _Analyzer:
         self.precision = args.precision
         self.out_dir = Path(args.out) if args.out else None
         self._predictor: Any = None
+        self.limits = _limits()
 
     def predictor(self) -> Any:
         if self._predictor is None:
@@ -73,14 +75,32 @@ class _Analyzer:
         return self._predictor
 
     def series(self, series_instance_uid: str, datasets: list[Dataset]) -> dict[str, Any]:
-        """Analyse one series; return its entry of the JSON document."""
+        """Analyse one series; return its entry of the JSON document.
+
+        Whatever goes wrong with one series (short of the model or the output
+        folder being unusable) becomes a one-line reason in its entry: the
+        document stays complete and no traceback is printed.
+        """
+        try:
+            return self._series(series_instance_uid, datasets)
+        except AnalyzeError:
+            raise
+        except Exception as exc:  # a bug or an input nobody foresaw: one line, not a traceback
+            logger.debug("series %s: analysis failed", series_instance_uid, exc_info=True)
+            return _skipped(
+                datasets,
+                series_instance_uid,
+                f"cannot analyse: {type(exc).__name__}: {_first_line(exc)}",
+            )
+
+    def _series(self, series_instance_uid: str, datasets: list[Dataset]) -> dict[str, Any]:
         from inference.volume import SeriesSkipped, load_volume
-        from node.results import ResultsError, is_ichnode_output, write_results
+        from node.results import ResultsError, build_results, is_ichnode_output, write_datasets
 
         if any(is_ichnode_output(ds) for ds in datasets):
             return _skipped(datasets, series_instance_uid, OWN_OUTPUT_REASON)
         try:
-            volume = load_volume(datasets)
+            volume = load_volume(datasets, self.limits)
         except SeriesSkipped as exc:
             return _skipped(datasets, series_instance_uid, exc.reason)
         except (ValueError, TypeError, AttributeError, KeyError, EOFError, OSError) as exc:
@@ -99,20 +119,30 @@ class _Analyzer:
             logger.debug("series %s: prediction failed", series_instance_uid, exc_info=True)
             return _skipped(datasets, series_instance_uid, f"cannot analyse: {_first_line(exc)}")
         outputs: list[str] = []
+        missing: list[dict[str, str]] = []
         if self.out_dir is not None:
             try:
-                paths = write_results(findings, volume.datasets, self.out_dir, hu=volume.hu)
+                built = build_results(findings, volume.datasets, hu=volume.hu)
             except ResultsError as exc:
                 return _skipped(
                     datasets, series_instance_uid, f"cannot encode results: {_first_line(exc)}"
                 )
+            try:
+                paths = write_datasets(built.objects, self.out_dir)
             except OSError as exc:
                 raise AnalyzeError(
                     f"cannot write results to {self.out_dir}: {_first_line(exc)}"
                 ) from exc
             outputs = [str(path) for path in paths]
+            missing = [{"object": m.kind, "reason": m.reason} for m in built.missing]
+            for item in built.missing:
+                print(
+                    f"ichnode analyze: series {series_instance_uid}: {item.sentence()}",
+                    file=sys.stderr,
+                )
         entry = findings.to_json()
         entry["outputs"] = outputs
+        entry["missing"] = missing
         entry["skipped"] = None
         logger.info(
             "series %s: hemorrhage %s (p=%.3f), %d objects written",
@@ -122,6 +152,15 @@ class _Analyzer:
             len(outputs),
         )
         return entry
+
+
+def _limits() -> Any:
+    """The ``[jobs]`` series size limits (embedded defaults, ``ICHNODE_JOBS__...`` overrides)."""
+    from config import load_settings
+    from inference.volume import SeriesLimits
+
+    jobs = load_settings(None).jobs
+    return SeriesLimits(max_slices=jobs.max_series_slices, max_voxels=jobs.max_series_voxels)
 
 
 def _summary_line(entry: dict[str, Any]) -> str:
@@ -169,6 +208,8 @@ def analyze(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                 file=sys.stderr,
             )
             failed = True
+        if entry.get("missing"):
+            failed = True  # analysed, but some result object could not be built (said above)
     if not groups and not unreadable:
         print("ichnode analyze: no files found", file=sys.stderr)
     return {"series": entries}, (1 if failed else 0)

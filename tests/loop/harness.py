@@ -60,8 +60,14 @@ class NodeRunner:
         weights: str | None = TEST_WEIGHTS,
         extra_toml: str = "",
         ae_title: str = "ICHNODE",
+        new_session: bool = False,
     ) -> None:
-        """Settings left at None keep ichnode's defaults (the benchmark uses that)."""
+        """Settings left at None keep ichnode's defaults (the benchmark uses that).
+
+        ``new_session``: the node leads its own process group (as under systemd),
+        so a test can signal the whole group with :meth:`signal_group`.
+        """
+        self.new_session = new_session
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -117,6 +123,7 @@ class NodeRunner:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=self.new_session,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -144,6 +151,12 @@ class NodeRunner:
             code = process.returncode
         self._close()
         return code
+
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to every process of the node's group (``new_session`` only)."""
+        if self.process is None or not self.new_session:
+            raise RuntimeError("the node does not lead its own process group")
+        os.killpg(self.process.pid, signum)
 
     def kill(self) -> None:
         """SIGKILL the node, as a power cut or the OOM killer would."""

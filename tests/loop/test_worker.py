@@ -155,6 +155,22 @@ def test_failures_retry_with_backoff_then_failed(tmp_path: Path, predictor: Pred
     listed = index.studies_document()["studies"][0]["series"][0]
     assert listed["status"] == "failed"
     assert "after 3 attempts" in listed["reason"]
+    # silence never means "no bleed": the PACS gets an SR saying "not analysed" and why
+    _assert_not_analysed_report(index, outcome.results, "analysis failed after 3 attempts")
+
+
+def _assert_not_analysed_report(index: Index, files: list[str], reason: str) -> None:
+    from pydicom import dcmread
+
+    from node.results import report_notes
+
+    with index.session(readonly=True) as session:
+        (result,) = list(session.scalars(select(Result)))
+        deliveries = list(session.scalars(select(Delivery)))
+    assert result.kind.value == "SR" and [result.path] == files
+    assert sorted(d.destination for d in deliveries) == ["backup", "pacs"]
+    (note,) = report_notes(dcmread(result.path))
+    assert note.startswith("not analysed: ") and reason in note
 
 
 def test_unanalysable_series_is_skipped_with_reason(tmp_path: Path, predictor: Predictor) -> None:
@@ -178,6 +194,50 @@ def test_unanalysable_series_is_skipped_with_reason(tmp_path: Path, predictor: P
     assert outcome.state == "skipped" and outcome.reason
     listed = index.studies_document()["studies"][0]["series"][0]
     assert listed["status"] == "skipped" and listed["reason"] == outcome.reason
+    _assert_not_analysed_report(index, outcome.results, outcome.reason)
+
+
+def test_not_analysed_report_can_be_turned_off(tmp_path: Path, predictor: Predictor) -> None:
+    index = new_index(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    store(
+        index,
+        tmp_path / "src",
+        ct_dataset(study, series),
+        association_id=None,
+        received_at=dt.datetime.now(dt.UTC),
+    )
+    with index.session() as session:
+        series_id = session.execute(select(Series.id)).scalar_one()
+        session.add(Job(series_id=series_id, state=JobState.QUEUED, attempts=0))
+    settings = _settings(tmp_path)
+    settings.jobs.report_not_analysed = False
+    runner = JobRunner(settings, index, predictor)
+    job = runner.claim()
+    assert job is not None
+    outcome = runner.process(job)
+    assert outcome.state == "skipped" and outcome.results == []
+    with index.session(readonly=True) as session:
+        assert list(session.scalars(select(Result))) == []
+
+
+def test_series_over_the_slice_limit_is_skipped_before_its_pixels_are_read(
+    tmp_path: Path, predictor: Predictor
+) -> None:
+    study = make_study(tmp_path / "src", 14, (), n_slices=6)
+    index = new_index(tmp_path)
+    _queue(index, study.files)
+    settings = _settings(tmp_path)
+    settings.jobs.max_series_slices = 5
+    for path in study.files[1:]:  # only the first file's header is read before refusing
+        path.write_bytes(b"not DICOM any more")
+    runner = JobRunner(settings, index, predictor)
+    job = runner.claim()
+    assert job is not None
+    outcome = runner.process(job)
+    assert outcome.state == "skipped"
+    assert outcome.reason == "6 slices, more than the 5 allowed per series"
+    _assert_not_analysed_report(index, outcome.results, outcome.reason)
 
 
 def test_job_taken_over_is_abandoned(tmp_path: Path, predictor: Predictor) -> None:

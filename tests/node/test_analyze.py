@@ -29,6 +29,7 @@ SERIES_KEYS = {
     "subtypes",
     "slices",
     "outputs",
+    "missing",
     "skipped",
 }
 SKIPPED_KEYS = {"study_instance_uid", "series_instance_uid", "outputs", "skipped"}
