@@ -125,7 +125,8 @@ class DestinationLink:
         return list(wanted.items())
 
     def _accepts(self, sop_class_uid: str, transfer_syntax: str) -> bool:
-        assert self.assoc is not None
+        if self.assoc is None:  # no association: nothing can carry the object
+            return False
         for cx in self.assoc.accepted_contexts:
             if cx.abstract_syntax != sop_class_uid:
                 continue
