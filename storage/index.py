@@ -69,11 +69,41 @@ logger = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+
+# The row of a known SOP Instance UID with the study, series and patient it
+# belongs to (the re-send path of the SQLite C-STORE hot path).
+_OWNER_SQL = (
+    "SELECT i.id, i.path, st.study_instance_uid, se.series_instance_uid,"
+    " p.patient_id, p.issuer_of_patient_id"
+    " FROM instances i JOIN series se ON se.id = i.series_id"
+    " JOIN studies st ON st.id = se.study_pk JOIN patients p ON p.id = st.patient_pk"
+    " WHERE i.sop_instance_uid = ?"
+)
 Synchronous = Literal["FULL", "NORMAL", "EXTRA"]
 
 
 class MissingAttributeError(ValueError):
     """An instance lacks an attribute the index needs (a UID)."""
+
+
+class InvalidAttributeError(ValueError):
+    """An attribute the index keys on is longer than its VR allows.
+
+    Such a value is refused, never shortened: two values that differ only
+    after the limit would otherwise name one row.
+    """
+
+
+#: Attributes the index keys on: field, DICOM keyword, and the longest value
+#: their VR allows (PS3.5 6.2: UI 64 characters, LO 64 characters).
+KEYED_ATTRIBUTES: tuple[tuple[str, str, int], ...] = (
+    ("sop_instance_uid", "SOPInstanceUID", 64),
+    ("sop_class_uid", "SOPClassUID", 64),
+    ("study_instance_uid", "StudyInstanceUID", 64),
+    ("series_instance_uid", "SeriesInstanceUID", 64),
+    ("patient_id", "PatientID", 64),
+    ("issuer_of_patient_id", "IssuerOfPatientID", 64),
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +145,12 @@ class InstanceMeta:
         ):
             if not getattr(self, name):
                 raise MissingAttributeError(f"{name} is missing or empty")
+        for name, keyword, limit in KEYED_ATTRIBUTES:
+            length = len(getattr(self, name))
+            if length > limit:
+                raise InvalidAttributeError(
+                    f"{keyword} has {length} characters (at most {limit}); refused, never shortened"
+                )
 
     @classmethod
     def from_dataset(
@@ -135,11 +171,19 @@ class InstanceMeta:
         ------
         MissingAttributeError
             When a required UID is missing or empty.
+        InvalidAttributeError
+            When a UID, the Patient ID or its issuer is longer than its VR allows.
         """
 
-        def text(keyword: str, limit: int = 64) -> str:
+        def text(keyword: str, limit: int | None = 64) -> str:
+            """The value, stripped; display-only values are cut to ``limit``.
+
+            Values the index keys on pass ``limit=None``: they are kept whole
+            (and refused in ``__post_init__`` when too long).
+            """
             value = ds.get(keyword, "")
-            return "" if value is None else str(value).strip()[:limit]
+            stripped = "" if value is None else str(value).strip()
+            return stripped if limit is None else stripped[:limit]
 
         def integer(keyword: str) -> int | None:
             value = ds.get(keyword)
@@ -149,13 +193,13 @@ class InstanceMeta:
                 return None
 
         return cls(
-            sop_instance_uid=text("SOPInstanceUID"),
-            sop_class_uid=text("SOPClassUID") or sop_class_uid,
+            sop_instance_uid=text("SOPInstanceUID", None),
+            sop_class_uid=text("SOPClassUID", None) or sop_class_uid,
             transfer_syntax_uid=transfer_syntax_uid,
-            study_instance_uid=text("StudyInstanceUID"),
-            series_instance_uid=text("SeriesInstanceUID"),
-            patient_id=text("PatientID"),
-            issuer_of_patient_id=text("IssuerOfPatientID"),
+            study_instance_uid=text("StudyInstanceUID", None),
+            series_instance_uid=text("SeriesInstanceUID", None),
+            patient_id=text("PatientID", None),
+            issuer_of_patient_id=text("IssuerOfPatientID", None),
             patient_name=text("PatientName", 324),
             patient_birth_date=text("PatientBirthDate", 8),
             patient_sex=text("PatientSex", 16),
@@ -170,6 +214,45 @@ class InstanceMeta:
             body_part_examined=text("BodyPartExamined", 16),
             instance_number=integer("InstanceNumber"),
         )
+
+
+@dataclass(frozen=True)
+class InstanceOwner:
+    """The patient, study and series an indexed instance belongs to."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+
+    def conflict_with(self, meta: InstanceMeta) -> str | None:
+        """Why ``meta`` (a re-send of the same SOP Instance UID) cannot replace it, or ``None``.
+
+        A re-send that names another study, or another patient (Patient ID and
+        its issuer), is a different object under a reused UID. A re-send into
+        another series of the same study and patient is allowed (it moves).
+        """
+        if meta.study_instance_uid != self.study_instance_uid:
+            return "another study"
+        if (meta.patient_id, meta.issuer_of_patient_id) != (
+            self.patient_id,
+            self.issuer_of_patient_id,
+        ):
+            return "another patient"
+        return None
+
+
+class InstanceConflictError(Exception):
+    """A re-sent SOP Instance UID names another patient or study than the stored instance.
+
+    The stored instance is kept; nothing was written to the index.
+    """
+
+    def __init__(self, sop_instance_uid: str, stored: InstanceOwner, reason: str) -> None:
+        super().__init__(f"SOP Instance UID {sop_instance_uid} is already stored under {reason}")
+        self.sop_instance_uid = sop_instance_uid
+        self.stored = stored
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -526,6 +609,13 @@ class Index:
         Instance UID seen before keeps its row: its path, size, transfer
         syntax and sender are updated and ``resend_count``/``last_resent_at``
         record the re-send. ``series.last_instance_at`` is set either way.
+
+        Raises
+        ------
+        InstanceConflictError
+            When the SOP Instance UID is indexed under another study or
+            patient (see :meth:`InstanceOwner.conflict_with`); nothing is
+            written then.
         """
         now = received_at or utcnow()
         values: dict[str, Any] = {
@@ -561,6 +651,12 @@ class Index:
                         Instance.sop_instance_uid == meta.sop_instance_uid
                     )
                 ).one()
+                owner = self._owner(session, meta.sop_instance_uid)
+                reason = owner.conflict_with(meta) if owner is not None else None
+                if owner is not None and reason is not None:
+                    # Leaving the session by an exception rolls back the new
+                    # patient/study/series rows _series_for may have added.
+                    raise InstanceConflictError(meta.sop_instance_uid, owner, reason)
                 session.execute(
                     update(Instance)
                     .where(Instance.id == existing.id)
@@ -621,10 +717,19 @@ class Index:
                     if row is not None:
                         result = RecordedInstance(int(row[0]), series_id, study_id, resent=False)
                     else:
-                        instance_id, old_path = cur.execute(
-                            "SELECT id, path FROM instances WHERE sop_instance_uid = ?",
-                            (meta.sop_instance_uid,),
-                        ).fetchone()
+                        (
+                            instance_id,
+                            old_path,
+                            study_uid,
+                            series_uid,
+                            patient_id,
+                            issuer,
+                        ) = cur.execute(_OWNER_SQL, (meta.sop_instance_uid,)).fetchone()
+                        owner = InstanceOwner(study_uid, series_uid, patient_id, issuer)
+                        reason = owner.conflict_with(meta)
+                        if reason is not None:
+                            cur.execute("ROLLBACK")
+                            raise InstanceConflictError(meta.sop_instance_uid, owner, reason)
                         cur.execute(
                             "UPDATE instances SET series_id = ?, sop_class_uid = ?,"
                             " transfer_syntax_uid = ?, instance_number = ?, path = ?, size = ?,"
@@ -648,6 +753,8 @@ class Index:
                             int(instance_id), series_id, study_id, True, previous
                         )
                     cur.execute("COMMIT")
+                except InstanceConflictError:
+                    raise  # already rolled back
                 except BaseException:
                     cur.execute("ROLLBACK")
                     raise
@@ -656,6 +763,28 @@ class Index:
             finally:
                 raw.close()  # back to the pool
         return result
+
+    def instance_owner(self, sop_instance_uid: str) -> InstanceOwner | None:
+        """The patient, study and series of an indexed instance, or ``None`` when unknown."""
+        with self.session(readonly=True) as session:
+            return self._owner(session, sop_instance_uid)
+
+    @staticmethod
+    def _owner(session: Session, sop_instance_uid: str) -> InstanceOwner | None:
+        row = session.execute(
+            select(
+                Study.study_instance_uid,
+                Series.series_instance_uid,
+                Patient.patient_id,
+                Patient.issuer_of_patient_id,
+            )
+            .select_from(Instance)
+            .join(Series, Series.id == Instance.series_id)
+            .join(Study, Study.id == Series.study_pk)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        ).first()
+        return None if row is None else InstanceOwner(*row)
 
     def _insert_instance(self, **values: Any) -> Any:
         """``INSERT ... ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id``."""
