@@ -17,8 +17,14 @@ a required UID is missing or the SOP Class UID disagrees with the request;
 of the data, a VR is not one of PS3.5, native Pixel Data is shorter than Rows x
 Columns x samples x frames says, an image header comes without Pixel Data, or
 the dataset carries File Meta Information),
-its SOP Instance UID differs from the request's Affected SOP Instance UID, or a
-UID cannot name a file.
+its SOP Instance UID differs from the request's Affected SOP Instance UID, a
+UID breaks PS3.5 9.1 (over 64 characters, characters other than 0-9 and '.',
+an empty component; never shortened), the Patient ID or its issuer is over 64
+characters, or the SOP Instance UID is already stored under another study or
+patient (the stored instance is kept).
+0xA700 also: the dataset is larger than ``node.max_instance_mb``; the node
+stops keeping its bytes as soon as the limit is crossed, reads the rest of the
+message without storing it, then answers.
 
 Hardening
 ---------
@@ -28,6 +34,11 @@ is dropped after ``node.network_timeout_seconds``; with ``[node.tls]`` the TLS
 handshake runs in the connection's own thread under that timeout (a silent or
 failing client never holds the accept loop). A PDU whose declared length is
 over :data:`MAX_PDU_LENGTH` closes the connection before anything is buffered.
+Every value from the wire that this module, the archive, pynetdicom or pydicom
+logs goes through :class:`node.wire.EscapeWireValues` (installed by
+:class:`StorageSCP`), so it stays on one printable line. The DIMSE layer lets
+any non-empty UID through (:func:`_lenient_ui`): the handler refuses a bad one
+with a status instead of pynetdicom aborting the association.
 """
 
 from __future__ import annotations
@@ -70,7 +81,9 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -79,8 +92,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import NodeSettings, StorageSettings
 from node.tls import server_context
+from node.wire import escape_wire_logs, uid_problem
 from storage.archive import Archive, ArchiveError, UnsafeUIDError
-from storage.index import Index, InstanceMeta, MissingAttributeError
+from storage.index import (
+    Index,
+    InstanceConflictError,
+    InstanceMeta,
+    InvalidAttributeError,
+    MissingAttributeError,
+)
 from storage.models import AssociationOutcome, utcnow
 
 logger = logging.getLogger(__name__)
@@ -122,11 +142,11 @@ MAX_PDU_SIZE = 4 * 1024 * 1024
 MAX_PDU_LENGTH = MAX_PDU_SIZE
 
 # What pydicom raises for a stream it cannot parse (truncated, bad lengths, bad
-# deflate data, undefined VRs, unknown character sets, deep nesting).
+# deflate data, undefined VRs, undecodable text, deep nesting). TypeError,
+# KeyError and AttributeError are not here: from this path they would be a bug
+# of ichnode's, which pynetdicom answers with 0xC211 and logs with a traceback.
 _DECODE_ERRORS = (
     ValueError,
-    TypeError,
-    LookupError,
     IndexError,
     OverflowError,
     RecursionError,
@@ -161,6 +181,9 @@ class _Walk:
     """Position-independent facts gathered while checking the structure."""
 
     pixel_data_length: int | None = None
+    #: Offset of the first top-level element at or after (7FE0,0010): the
+    #: header that :func:`_read_header` decodes ends there.
+    header_end: int | None = None
     has_pixels: bool = False  # Pixel Data, Float or Double Float Pixel Data
     has_file_meta: bool = False
 
@@ -196,6 +219,8 @@ def _walk_elements(
         if depth == 0:
             walk.has_file_meta |= group == 0x0002
             walk.has_pixels |= tag in _PIXEL_TAGS
+            if walk.header_end is None and tag >= _PIXEL_DATA:
+                walk.header_end = pos
         vr: bytes | None = None
         if implicit:
             (length,) = struct.unpack_from(len4, buf, pos + 4)
@@ -292,7 +317,7 @@ def _walk_items(
         pos += length
 
 
-def check_encoding(raw: bytes, transfer_syntax: str) -> _Walk:
+def check_encoding(raw: bytes | memoryview, transfer_syntax: str) -> _Walk:
     """Check that ``raw`` is a well-formed dataset in ``transfer_syntax``.
 
     Every element, item and fragment must fit in the bytes that arrived; every
@@ -311,7 +336,9 @@ def check_encoding(raw: bytes, transfer_syntax: str) -> _Walk:
             raw = inflater.decompress(raw, 1 << 31)
         except zlib.error as exc:
             raise MalformedDatasetError(f"deflated data cannot be inflated: {exc}") from None
-    buf = memoryview(raw)
+    # A memoryview is used as it is: a second view of it would be an export
+    # that keeps the caller from releasing it.
+    buf = raw if isinstance(raw, memoryview) else memoryview(raw)
     walk = _Walk()
     endian = "<" if uid.is_little_endian else ">"
     # An undefined-length sequence at the top level may run to the last byte.
@@ -396,13 +423,16 @@ def _before_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
     return int(tag) >= 0x7FE00010
 
 
-def _read_header(event: evt.Event, transfer_syntax: str) -> Dataset:
-    """Decode the received dataset up to (not including) Pixel Data."""
+def _read_header(event: evt.Event, transfer_syntax: str, raw: memoryview, walk: _Walk) -> Dataset:
+    """Decode the received dataset up to (not including) Pixel Data.
+
+    Only the header bytes (``raw[:walk.header_end]``) are copied for pydicom.
+    """
     uid = UID(transfer_syntax)
     if uid.is_deflated:
         return event.dataset  # pynetdicom inflates it
-    raw = cast(C_STORE, event.request).DataSet
-    stream = BytesIO(raw.getvalue())  # type: ignore[union-attr]
+    end = len(raw) if walk.header_end is None else walk.header_end
+    stream = BytesIO(raw[:end])
     return read_dataset(
         stream, uid.is_implicit_VR, uid.is_little_endian, stop_when=_before_pixel_data
     )
@@ -441,16 +471,77 @@ class _BoundedSocket(AssociationSocket):
         return super().recv(nr_bytes)
 
 
+class OversizeDataSet(BytesIO):
+    """Stands in for the data set of a C-STORE that crossed ``node.max_instance_mb``.
+
+    It keeps no bytes: every further fragment is counted and dropped, so the
+    node reads the rest of the message (and can answer it) without holding it.
+    """
+
+    def __init__(self, received: int) -> None:
+        super().__init__()
+        self.received = received
+
+    def write(self, data: Any) -> int:
+        """Count ``data`` and drop it."""
+        size = len(data)
+        self.received += size
+        return size
+
+
+class _BoundedDIMSE(DIMSEServiceProvider):
+    """A DIMSE provider that stops keeping a data set once it is over a limit.
+
+    pynetdicom appends every data fragment of a message to a ``BytesIO``
+    (``DIMSEMessage.data_set``) until the last one arrives. After each P-DATA
+    (at most :data:`MAX_PDU_SIZE` of data), a data set over
+    ``max_dataset_bytes`` is replaced by an :class:`OversizeDataSet`; the C-STORE
+    handler answers such a request with 0xA700.
+    """
+
+    max_dataset_bytes: int = 1 << 62
+
+    def receive_primitive(self, primitive: Any) -> None:
+        """Collect the P-DATA as pynetdicom does, then drop a data set over the limit."""
+        super().receive_primitive(primitive)
+        message = self.message
+        if message is None:  # complete (or no message yet)
+            return
+        data_set = message.data_set
+        if isinstance(data_set, OversizeDataSet) or not isinstance(data_set, BytesIO):
+            return
+        size = data_set.tell()
+        if size > self.max_dataset_bytes:
+            message.data_set = OversizeDataSet(size)
+            logger.warning(
+                "peer %s: data set of a C-STORE passed %d bytes (node.max_instance_mb):"
+                " the rest is read and dropped, the instance will be refused",
+                self.assoc.requestor.address,
+                self.max_dataset_bytes,
+            )
+
+
 class _GuardedRequestHandler(RequestHandler):
-    """Make each acceptor read through a :class:`_BoundedSocket`."""
+    """Make each acceptor read through a :class:`_BoundedSocket` and a :class:`_BoundedDIMSE`."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         # The AssociationSocket made by pynetdicom has already queued the
         # connection event (Evt5); a second one would be a protocol error, so
         # the existing object becomes a _BoundedSocket (it adds no state).
-        assert type(assoc.dul.socket) is AssociationSocket
+        if type(assoc.dul.socket) is not AssociationSocket:
+            raise TypeError(
+                f"pynetdicom made a {type(assoc.dul.socket).__name__}, not an AssociationSocket"
+            )
         assoc.dul.socket.__class__ = _BoundedSocket
+        # Same for the DIMSE provider: it adds one attribute and one override.
+        if type(assoc.dimse) is not DIMSEServiceProvider:
+            raise TypeError(
+                f"pynetdicom made a {type(assoc.dimse).__name__}, not a DIMSEServiceProvider"
+            )
+        assoc.dimse.__class__ = _BoundedDIMSE
+        server = cast(GuardedAssociationServer, self.server)
+        cast(_BoundedDIMSE, assoc.dimse).max_dataset_bytes = server.max_instance_bytes
         return assoc
 
 
@@ -465,12 +556,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """
 
     network_timeout: float = 60.0
+    #: Largest data set one C-STORE may carry (``node.max_instance_mb``).
+    max_instance_bytes: int = 1 << 62
     #: Called with the peer address and the reason when a TLS handshake fails.
     on_handshake_failed: Callable[[tuple[str, int], str], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; wrap it for TLS without handshaking yet."""
-        assert self.socket is not None
+        if self.socket is None:
+            raise OSError("the server socket is closed")
         client_socket, address = self.socket.accept()
         client_socket.settimeout(self.network_timeout)
         if self.ssl_context:
@@ -533,6 +627,7 @@ class StorageSCP:
         self.index = index
         self.listeners = list(listeners)
         self.min_free_bytes = storage.min_free_disk_mb * 1024 * 1024
+        self.max_instance_bytes = node.max_instance_mb * 1024 * 1024
         self.shutdown_grace_s = shutdown_grace_s
         self._server: GuardedAssociationServer | None = None
         self._states: dict[int, _AssociationState] = {}
@@ -545,6 +640,8 @@ class StorageSCP:
     # -- set-up --------------------------------------------------------------
 
     def _make_ae(self) -> AE:
+        escape_wire_logs()
+        pynetdicom_config.VALIDATORS["UI"] = _lenient_ui
         ae = AE(ae_title=self.node.ae_title)
         ae.maximum_associations = self.node.max_associations
         ae.require_called_aet = True
@@ -596,6 +693,7 @@ class StorageSCP:
             ),
         )
         server.network_timeout = self.node.network_timeout_seconds
+        server.max_instance_bytes = self.max_instance_bytes
         server.on_handshake_failed = self._handle_tls_failure
         self.ae._servers.append(server)  # as start_server does; server.shutdown() removes it
         self._server = server
@@ -812,6 +910,37 @@ class StorageSCP:
         affected_uid = str(request.AffectedSOPInstanceUID or "")
         logger.debug("assoc %d: storing %s", aid, affected_uid, extra=extra)
 
+        data_set = request.DataSet
+        if data_set is None:
+            received = 0
+        elif isinstance(data_set, OversizeDataSet):
+            received = data_set.received
+        else:
+            received = data_set.getbuffer().nbytes
+        if isinstance(data_set, OversizeDataSet) or received > self.max_instance_bytes:
+            logger.warning(
+                "assoc %d: refused %s: data set of %d bytes is over node.max_instance_mb (%d MiB)",
+                aid,
+                affected_uid,
+                received,
+                self.max_instance_bytes // (1024 * 1024),
+                extra=extra,
+            )
+            return _status(STATUS_OUT_OF_RESOURCES, "instance larger than the node accepts")
+        if data_set is None:
+            logger.warning("assoc %d: refused %s: no data set", aid, affected_uid, extra=extra)
+            return _status(STATUS_DATASET_MISMATCH, "no data set")
+        problem = uid_problem(affected_uid)
+        if problem is not None:
+            logger.warning(
+                "assoc %d: refused: Affected SOP Instance UID %s breaks PS3.5 9.1: %s",
+                aid,
+                affected_uid,
+                problem,
+                extra=extra,
+            )
+            return _status(STATUS_CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID")
+
         if archive.free_bytes() < self.min_free_bytes:
             logger.warning(
                 "assoc %d: refused %s: free disk under storage.min_free_disk_mb",
@@ -822,11 +951,28 @@ class StorageSCP:
             return _status(STATUS_OUT_OF_RESOURCES, "free disk space below the node's minimum")
 
         transfer_syntax = str(event.context.transfer_syntax)
+        # A view, not a copy: an instance of hundreds of MB is held once.
+        with data_set.getbuffer() as raw:
+            return self._store_bytes(event, state, archive, index, raw, transfer_syntax)
+
+    def _store_bytes(
+        self,
+        event: evt.Event,
+        state: _AssociationState,
+        archive: Archive,
+        index: Index,
+        raw: memoryview,
+        transfer_syntax: str,
+    ) -> int | Dataset:
+        request = cast(C_STORE, event.request)
+        aid, calling = state.association_id, state.calling_ae
+        extra = {"association_id": aid, "calling_ae": calling}
+        affected_uid = str(request.AffectedSOPInstanceUID or "")
         try:
-            walk = check_encoding(request.DataSet.getvalue(), transfer_syntax)  # type: ignore[union-attr]
+            walk = check_encoding(raw, transfer_syntax)
             if walk.has_file_meta:
                 raise MalformedDatasetError("the dataset carries File Meta Information (0002,xxxx)")
-            ds = _read_header(event, transfer_syntax)
+            ds = _read_header(event, transfer_syntax, raw, walk)
             if not walk.has_pixels and all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
                 raise MalformedDatasetError(
                     "an image (Rows, Columns, Bits Allocated) without Pixel Data"
@@ -850,6 +996,9 @@ class StorageSCP:
         except MissingAttributeError as exc:
             logger.warning("assoc %d: refused %s: %s", aid, affected_uid, exc, extra=extra)
             return _status(STATUS_DATASET_MISMATCH, str(exc))
+        except InvalidAttributeError as exc:
+            logger.warning("assoc %d: refused %s: %s", aid, affected_uid, exc, extra=extra)
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
         except _DECODE_ERRORS as exc:
             logger.warning(
                 "assoc %d: refused %s: cannot decode dataset (%s: %s)",
@@ -870,6 +1019,23 @@ class StorageSCP:
                 extra=extra,
             )
             return _status(STATUS_CANNOT_UNDERSTAND, "SOPInstanceUID differs from request")
+        for keyword, value in (
+            ("StudyInstanceUID", meta.study_instance_uid),
+            ("SeriesInstanceUID", meta.series_instance_uid),
+            ("SOPClassUID", meta.sop_class_uid),
+        ):
+            problem = uid_problem(value)
+            if problem is not None:
+                logger.warning(
+                    "assoc %d: refused %s: %s %s breaks PS3.5 9.1: %s",
+                    aid,
+                    affected_uid,
+                    keyword,
+                    value,
+                    problem,
+                    extra=extra,
+                )
+                return _status(STATUS_CANNOT_UNDERSTAND, f"invalid {keyword}")
         affected_class = str(request.AffectedSOPClassUID or "")
         if meta.sop_class_uid != affected_class:
             logger.warning(
@@ -893,6 +1059,18 @@ class StorageSCP:
             )
             return _status(STATUS_DATASET_MISMATCH, "image without Pixel Data")
 
+        # Before the file is written: a re-send under another patient but the
+        # same study and series folder would otherwise overwrite the stored file.
+        # record_instance checks again inside its transaction.
+        try:
+            owner = index.instance_owner(meta.sop_instance_uid)
+        except SQLAlchemyError as exc:
+            logger.error("assoc %d: cannot read the index: %s", aid, exc, extra=extra)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot read the index")
+        reason = owner.conflict_with(meta) if owner is not None else None
+        if owner is not None and reason is not None:
+            return self._conflict(aid, extra, meta, owner.study_instance_uid, reason)
+
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = calling
         try:
@@ -901,7 +1079,7 @@ class StorageSCP:
                 meta.series_instance_uid,
                 meta.sop_instance_uid,
                 file_meta,
-                request.DataSet.getvalue(),  # type: ignore[union-attr]
+                raw,
             )
         except UnsafeUIDError as exc:
             logger.warning("assoc %d: refused %s: %s", aid, affected_uid, exc, extra=extra)
@@ -920,6 +1098,24 @@ class StorageSCP:
                 association_id=aid,
                 received_at=received_at,
             )
+        except InstanceConflictError as exc:
+            # Another association stored the same SOP Instance UID under another
+            # study or patient since the check above; the stored row wins.
+            kept = archive.path_for(
+                exc.stored.study_instance_uid, exc.stored.series_instance_uid, meta.sop_instance_uid
+            )
+            if stored.path != kept:
+                archive.remove(stored.path)
+            else:
+                logger.error(
+                    "assoc %d: %s: a concurrent send under another patient replaced the file"
+                    " of the stored instance at %s",
+                    aid,
+                    meta.sop_instance_uid,
+                    kept,
+                    extra=extra,
+                )
+            return self._conflict(aid, extra, meta, exc.stored.study_instance_uid, exc.reason)
         except SQLAlchemyError as exc:
             logger.error("assoc %d: cannot index %s: %s", aid, affected_uid, exc, extra=extra)
             return _status(STATUS_OUT_OF_RESOURCES, "cannot write the index")
@@ -953,6 +1149,43 @@ class StorageSCP:
             # stored once again, which is harmless.
             listener.instance_stored(stored_event)
         return STATUS_SUCCESS
+
+
+    def _conflict(
+        self,
+        aid: int,
+        extra: dict[str, Any],
+        meta: InstanceMeta,
+        stored_study_instance_uid: str,
+        reason: str,
+    ) -> Dataset:
+        """Refuse a re-send of a stored SOP Instance UID under another patient or study."""
+        logger.warning(
+            "assoc %d: refused %s: already stored under %s (stored in study %s, received for"
+            " study %s); the stored instance is kept",
+            aid,
+            meta.sop_instance_uid,
+            reason,
+            stored_study_instance_uid,
+            meta.study_instance_uid,
+            extra=extra,
+        )
+        return _status(STATUS_CANNOT_UNDERSTAND, f"SOP Instance UID stored under {reason}")
+
+
+def _lenient_ui(value: Any) -> tuple[bool, str]:
+    """pynetdicom's UID validator for the node: any non-empty string up to 1024 characters.
+
+    pynetdicom's own refuses a UID over 64 characters while decoding the
+    command set and aborts the association; the node answers the request
+    instead (0xC000, with a log line naming the problem, see
+    :func:`node.wire.uid_problem`). The bound keeps a response's command set small.
+    """
+    if not isinstance(value, str) or not value:
+        return False, "must be a non-empty str"
+    if len(value) > 1024:
+        return False, "longer than 1024 characters"
+    return True, ""
 
 
 def configure_pydicom() -> None:

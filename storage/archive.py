@@ -174,7 +174,7 @@ class Archive:
         series_instance_uid: str,
         sop_instance_uid: str,
         file_meta: FileMetaDataset,
-        dataset_bytes: bytes,
+        dataset_bytes: bytes | memoryview,
     ) -> StoredFile:
         """Write one instance durably and return where it is.
 
@@ -185,8 +185,8 @@ class Archive:
         file_meta : pydicom.dataset.FileMetaDataset
             File Meta Information (Transfer Syntax UID must say how
             ``dataset_bytes`` are encoded).
-        dataset_bytes : bytes
-            The encoded dataset exactly as received.
+        dataset_bytes : bytes or memoryview
+            The encoded dataset exactly as received (a view avoids a copy).
 
         Raises
         ------

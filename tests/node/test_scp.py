@@ -7,6 +7,7 @@ concurrent associations and the listener hooks.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.scp import AssociationClosed, InstanceStored
+from node.wire import EscapeWireValues, escape, uid_problem
 from storage.archive import PREAMBLE, encode_file_meta
 from storage.models import AssociationOutcome
 from tests.interop import REPO
@@ -397,3 +399,50 @@ def test_transfer_syntaxes_are_kept_as_received(tmp_path: Path, transfer_syntax:
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         # kept deflated, as received: the plain encoding does not appear in the file
         assert dataset_bytes(small_ct(size=64))[:8] not in Path(row["path"]).read_bytes()[300:]
+
+
+# -- values from the wire: UID rules and log escaping -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uid", "problem"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", None),
+        ("1.2.840.113619.2.55.3.0123", None),  # a leading zero: accepted (see node.wire)
+        ("1" * 64, None),
+        ("1" * 65, "65 characters (at most 64)"),
+        ("", "empty"),
+        ("1.2.3a", "characters other than 0-9 and '.'"),
+        ("1.2.3\n4", "characters other than 0-9 and '.'"),
+        ("1..2", "an empty component"),
+        (".1.2", "an empty component"),
+        ("1.2.", "an empty component"),
+    ],
+)
+def test_uid_problem(uid: str, problem: str | None) -> None:
+    assert uid_problem(uid) == problem
+
+
+def test_escape_keeps_one_printable_ascii_line() -> None:
+    assert escape("1.2.3") == "1.2.3"
+    assert escape("a\nb\r\tc\x00\x7f\\") == "a\\nb\\r\\tc\\x00\\x7f\\\\"
+    assert escape("\xe9\u20ac\U0001f600") == "\\xe9\\u20ac\\U0001f600"
+    assert escape(b"1.2\xe9\n") == "1.2\\xe9\\n"
+
+
+def test_wire_filter_escapes_arguments_messages_and_exception_text() -> None:
+    def record(msg: object, args: tuple[object, ...], exc: BaseException | None = None) -> str:
+        rec = logging.LogRecord("x", logging.WARNING, __file__, 1, msg, args, None)
+        if exc is not None:
+            rec.exc_info = (type(exc), exc, exc.__traceback__)
+        assert EscapeWireValues().filter(rec)
+        return logging.Formatter("%(message)s").format(rec)
+
+    assert record("refused %s after %d", ("1.2\nFORGED", 3)) == "refused 1.2\\nFORGED after 3"
+    assert record("value '1.2\nFORGED'", ()) == "value '1.2\\nFORGED'"
+    try:
+        raise ValueError("bad '1.2\nFORGED \xe9'")
+    except ValueError as exc:
+        text = record("failed", (), exc)
+    assert text.splitlines()[-1] == "ValueError: bad '1.2\\nFORGED \\xe9'"
+    assert not any(line.startswith("FORGED") for line in text.splitlines())
