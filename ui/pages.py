@@ -27,7 +27,14 @@ from storage.index import Index
 from ui import viewer
 from ui.series import ViewerData, slice_probability_array
 from ui.stored import SeriesUnavailable, load_node_series, read_finding, resolve_path
-from ui.upload import UploadedSeries, UploadError, analyse_upload
+from ui.text import plain
+from ui.upload import (
+    UploadedSeries,
+    UploadError,
+    UploadLimits,
+    UploadRefused,
+    analyse_upload,
+)
 from ui.worklist import (
     FINDING_FILTERS,
     STATUSES,
@@ -143,7 +150,7 @@ def _settings_or_stop() -> Settings:
     try:
         return get_settings(os.environ.get(CONFIG_ENV, ""))
     except ConfigError as exc:
-        st.error(f"ichnode cannot start the interface: {exc}")
+        st.error(f"ichnode cannot start the interface: {plain(exc)}")
         st.stop()
 
 
@@ -180,7 +187,7 @@ def worklist_page(settings: Settings) -> None:
     try:
         index = get_index(settings)
     except IndexUnavailable as exc:
-        st.warning(str(exc))
+        st.warning(plain(exc))
         return
     left, middle, right = st.columns([3, 2, 2])
     statuses = left.multiselect("Status", STATUSES, default=list(STATUSES), key="filter-status")
@@ -279,16 +286,16 @@ def viewer_page(settings: Settings) -> None:
     try:
         index = get_index(settings)
     except IndexUnavailable as exc:
-        st.warning(str(exc))
+        st.warning(plain(exc))
         return
     signature = _signature(index, uid)
     if signature[0] == 0:
-        st.warning(f"The index holds no instances of series {uid}.")
+        st.warning(f"The index holds no instances of series {plain(uid)}.")
         return
     try:
         data = _node_series(uid, signature, index, settings)
     except SeriesUnavailable as exc:
-        st.warning(f"This series cannot be shown as a volume: {exc.reason}")
+        st.warning(f"This series cannot be shown as a volume: {plain(exc.reason)}")
         if exc.datasets:
             viewer.metadata_panel_for(exc.datasets[0], key="node-skipped")
         return
@@ -300,7 +307,7 @@ def viewer_page(settings: Settings) -> None:
                 uid, signature, inference.weights, inference.device, inference.precision, data
             )
         except (ValueError, RuntimeError) as exc:  # WeightsError is a ValueError
-            st.error(f"The model cannot run here: {exc}")
+            st.error(f"The model cannot run here: {plain(exc)}")
             return None
 
     cached = st.session_state.get("node-explained")
@@ -325,7 +332,9 @@ def upload_page(settings: Settings) -> None:
     st.header("Upload")
     st.caption(
         "Drop one slice, a whole series or a zip. The files are analysed here with the "
-        "node's model and shown below; nothing is written to the index or sent to any PACS."
+        "node's model and shown below; nothing is written to the index or sent to any PACS. "
+        f"One upload holds at most {settings.ui.upload_max_files:,} files and "
+        f"{settings.ui.upload_max_expanded_mb:,} MB once zips are expanded."
     )
     files = st.file_uploader(
         "DICOM files or a zip of them", accept_multiple_files=True, key="upload-files"
@@ -340,16 +349,22 @@ def upload_page(settings: Settings) -> None:
             inference = settings.inference
             predictor = get_predictor(inference.weights, inference.device, inference.precision)
         except (ValueError, RuntimeError) as exc:  # WeightsError is a ValueError
-            st.error(f"The model cannot be loaded: {exc}")
+            st.error(f"The model cannot be loaded: {plain(exc)}")
             return
         with st.spinner("Analysing…"), tempfile.TemporaryDirectory(prefix="ichnode-upload-") as tmp:
             try:
-                with model_lock():
-                    series, problems = analyse_upload(
-                        ((f.name, f.getvalue()) for f in files), Path(tmp), predictor
-                    )
+                series, problems = analyse_upload(
+                    ((f.name, f.getvalue()) for f in files),
+                    Path(tmp),
+                    predictor,
+                    limits=UploadLimits.from_settings(settings.ui),
+                    model_lock=model_lock(),
+                )
+            except UploadRefused as exc:
+                st.error(f"Upload refused, nothing was analysed: {plain(exc)}")
+                return
             except UploadError as exc:
-                st.error(f"Nothing to analyse: {exc}")
+                st.error(f"Nothing to analyse: {plain(exc)}")
                 return
         stored = (signature, series, problems)
         st.session_state["upload-result"] = stored
@@ -367,7 +382,8 @@ def upload_page(settings: Settings) -> None:
     analysed: list[UploadedSeries] = [s for s in series if s.data is not None]
     for skipped in (s for s in series if s.data is None):
         st.warning(
-            f"Series {skipped.description} ({skipped.n_files} files) not analysed: {skipped.skipped}"
+            f"Series {plain(skipped.description)} ({skipped.n_files} files) not analysed: "
+            f"{plain(skipped.skipped)}"
         )
     if not analysed:
         return

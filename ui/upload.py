@@ -5,18 +5,29 @@ flattened, sanitised names: nothing escapes the folder), read with
 :func:`inference.volume.read_series`, built into volumes and analysed with the
 predictor; the SEG/SR/SC objects are encoded in memory for download. Nothing
 uploaded is written to the index or sent anywhere.
+
+An upload is bounded by :class:`UploadLimits` (``[ui]`` in the configuration):
+its expanded size, checked against the sizes a zip declares before anything is
+extracted and again on the bytes actually written; its number of files, zip
+members counted; and the time staging and reading may take. An upload beyond
+one of them is refused whole with :class:`UploadRefused` and a log line. The
+model lock, when one is given, is held only while the network runs, so one
+large upload being staged or read does not hold up another user's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
+import time
 import zipfile
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom import Dataset
 
@@ -25,15 +36,41 @@ from inference.volume import SeriesSkipped, Volume, load_volume, read_series
 from node.results import ResultsError, encode_results
 from ui.series import ViewerData, from_findings
 
+if TYPE_CHECKING:
+    from config.settings import UiSettings
+
 logger = logging.getLogger(__name__)
 
-MAX_ZIP_MEMBERS = 10_000
-MAX_UNCOMPRESSED_BYTES = 4 * 1024**3
+MB = 1024**2
+CHUNK_BYTES = 1 * MB
+READ_BATCH = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one upload may hold and take (the ``[ui]`` settings ``upload_max_*``)."""
+
+    max_expanded_bytes: int = 2048 * MB
+    max_files: int = 10_000
+    max_read_seconds: float = 300.0
+
+    @classmethod
+    def from_settings(cls, ui: UiSettings) -> UploadLimits:
+        """The limits configured in ``[ui]``."""
+        return cls(
+            max_expanded_bytes=int(ui.upload_max_expanded_mb) * MB,
+            max_files=int(ui.upload_max_files),
+            max_read_seconds=float(ui.upload_max_read_seconds),
+        )
 
 
 class UploadError(ValueError):
     """Nothing usable was uploaded; the message says why in one line."""
+
+
+class UploadRefused(UploadError):
+    """The upload goes beyond one of the :class:`UploadLimits`; none of it is analysed."""
 
 
 class Analyser(Protocol):
@@ -77,55 +114,121 @@ def _safe_name(name: str, counter: int) -> str:
     return f"{counter:05d}-{base[:80]}"
 
 
-def stage(files: Iterable[tuple[str, bytes]], folder: Path) -> Staged:
+def _mb(n: int) -> str:
+    return f"{n / MB:,.0f} MB" if n >= MB else f"{n:,} bytes"
+
+
+def _refuse(reason: str) -> UploadRefused:
+    logger.warning("upload refused: %s", reason)
+    return UploadRefused(reason)
+
+
+class _Budget:
+    """The room left in an upload: bytes, files and time (raises UploadRefused when spent)."""
+
+    def __init__(self, limits: UploadLimits, deadline: float) -> None:
+        self.limits = limits
+        self.deadline = deadline
+        self.bytes = 0
+        self.files = 0
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _refuse(
+                f"staging and reading took longer than {self.limits.max_read_seconds:g} s "
+                "(ui.upload_max_read_seconds)"
+            )
+
+    def add_files(self, n: int, what: str) -> None:
+        self.files += n
+        if self.files > self.limits.max_files:
+            raise _refuse(
+                f"{what} brings the upload to {self.files:,} files, more than "
+                f"{self.limits.max_files:,} (ui.upload_max_files)"
+            )
+
+    def expanded_beyond(self, n: int, what: str) -> UploadRefused:
+        return _refuse(
+            f"{what} expands the upload to {_mb(n)}, more than "
+            f"{_mb(self.limits.max_expanded_bytes)} (ui.upload_max_expanded_mb)"
+        )
+
+    def add_bytes(self, n: int, what: str) -> None:
+        self.bytes += n
+        if self.bytes > self.limits.max_expanded_bytes:
+            raise self.expanded_beyond(self.bytes, what)
+
+
+def stage(
+    files: Iterable[tuple[str, bytes]],
+    folder: Path,
+    limits: UploadLimits | None = None,
+    deadline: float | None = None,
+) -> Staged:
     """Write uploaded files (zips expanded) into ``folder``.
 
-    Zip members that are folders, macOS resource forks, or beyond the size and
-    count limits are left out (the latter two with a problem entry).
+    Zip members that are folders or macOS resource forks are left out; an
+    unreadable zip is a problem entry. A zip's member count and declared sizes
+    are checked against ``limits`` before anything of it is extracted, and the
+    bytes written are counted while they stream, whatever the zip declares.
+
+    Raises
+    ------
+    UploadRefused
+        When the upload goes beyond ``limits`` (expanded size, file count) or
+        staging goes on past ``deadline`` (a ``time.monotonic()`` value).
     """
+    limits = limits or UploadLimits()
+    budget = _Budget(
+        limits, deadline if deadline is not None else time.monotonic() + limits.max_read_seconds
+    )
     staged = Staged()
     counter = 0
-    total = 0
 
-    def put(display: str, data: bytes) -> None:
+    def target(display: str) -> Path:
         nonlocal counter
         counter += 1
         path = folder / _safe_name(display, counter)
-        path.write_bytes(data)
         staged.paths.append(path)
         staged.names[path] = display
+        return path
 
     for name, data in files:
+        budget.check_time()
         if not data:
             staged.problems.append(Problem(name, "empty file"))
             continue
-        if zipfile.is_zipfile(io.BytesIO(data)):
-            try:
-                with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                    members = [
-                        m
-                        for m in archive.infolist()
-                        if not m.is_dir() and not m.filename.startswith("__MACOSX/")
-                    ]
-                    if len(members) > MAX_ZIP_MEMBERS:
-                        staged.problems.append(
-                            Problem(
-                                name, f"zip holds {len(members)} files, at most {MAX_ZIP_MEMBERS}"
-                            )
-                        )
-                        continue
-                    for member in members:
-                        total += member.file_size
-                        if total > MAX_UNCOMPRESSED_BYTES:
-                            staged.problems.append(
-                                Problem(name, "zip expands beyond 4 GiB; the rest was left out")
-                            )
-                            break
-                        put(f"{name}:{member.filename}", archive.read(member))
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError) as exc:
-                staged.problems.append(Problem(name, f"unreadable zip ({exc})"))
+        if not zipfile.is_zipfile(io.BytesIO(data)):
+            budget.add_files(1, name)
+            budget.add_bytes(len(data), name)
+            target(name).write_bytes(data)
             continue
-        put(name, data)
+        partial: Path | None = None
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                members = [
+                    m
+                    for m in archive.infolist()
+                    if not m.is_dir() and not m.filename.startswith("__MACOSX/")
+                ]
+                budget.add_files(len(members), f"zip {name}")
+                declared = budget.bytes + sum(max(m.file_size, 0) for m in members)
+                if declared > limits.max_expanded_bytes:
+                    raise budget.expanded_beyond(declared, f"zip {name}")
+                for member in members:
+                    partial = target(f"{name}:{member.filename}")
+                    with archive.open(member) as source, partial.open("wb") as sink:
+                        while chunk := source.read(CHUNK_BYTES):
+                            budget.add_bytes(len(chunk), f"zip {name}")
+                            budget.check_time()
+                            sink.write(chunk)
+                    partial = None
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError) as exc:
+            staged.problems.append(Problem(name, f"unreadable zip ({exc})"))
+            if partial is not None:  # the member being extracted when the zip failed
+                staged.paths.remove(partial)
+                del staged.names[partial]
+                partial.unlink(missing_ok=True)
     return staged
 
 
@@ -163,10 +266,29 @@ def result_objects(findings: SeriesFindings, volume: Volume) -> dict[str, bytes]
     return outputs
 
 
+def _read(
+    paths: list[Path], budget: _Budget
+) -> tuple[dict[str, list[Dataset]], list[tuple[Path, str]]]:
+    """:func:`read_series` in batches, with the reading time checked between them."""
+    groups: dict[str, list[Dataset]] = {}
+    unreadable: list[tuple[Path, str]] = []
+    for start in range(0, len(paths), READ_BATCH):
+        budget.check_time()
+        batch_groups, batch_unreadable = read_series(paths[start : start + READ_BATCH])
+        for uid, datasets in batch_groups.items():
+            groups.setdefault(uid, []).extend(datasets)
+        unreadable.extend(batch_unreadable)
+    budget.check_time()
+    return groups, unreadable
+
+
 def analyse_upload(
     files: Iterable[tuple[str, bytes]],
     folder: Path,
     analyser: Analyser,
+    *,
+    limits: UploadLimits | None = None,
+    model_lock: AbstractContextManager[object] | None = None,
 ) -> tuple[list[UploadedSeries], list[Problem]]:
     """Stage, read, build and analyse every series of an upload.
 
@@ -178,6 +300,11 @@ def analyse_upload(
         An empty private folder for the staged files (the caller removes it).
     analyser : Analyser
         The predictor.
+    limits : UploadLimits, optional
+        Size, file count and reading time allowed (defaults: :class:`UploadLimits`).
+    model_lock : context manager, optional
+        Held around each run of the network only (staging, reading and
+        encoding the result objects happen outside it).
 
     Returns
     -------
@@ -187,37 +314,48 @@ def analyse_upload(
 
     Raises
     ------
+    UploadRefused
+        When the upload goes beyond ``limits``.
     UploadError
         When no file of the upload is readable DICOM.
     """
-    staged = stage(files, folder)
+    limits = limits or UploadLimits()
+    budget = _Budget(limits, time.monotonic() + limits.max_read_seconds)
+    staged = stage(files, folder, limits, budget.deadline)
     problems = list(staged.problems)
     if not staged.paths:
         raise UploadError(
             "; ".join(f"{p.name}: {p.reason}" for p in problems) or "no files were uploaded"
         )
-    groups, unreadable = read_series(staged.paths)
+    groups, unreadable = _read(staged.paths, budget)
     for path, reason in unreadable:
         problems.append(Problem(staged.names.get(Path(path), Path(path).name), reason))
     if not groups:
         detail = problems[0].reason if problems else "no DICOM found"
         raise UploadError(f"none of the {len(staged.paths)} files is readable DICOM ({detail})")
-    results: list[UploadedSeries] = []
+    entries: list[tuple[UploadedSeries, Volume | None]] = []
     for series_instance_uid, datasets in groups.items():
         entry = UploadedSeries(series_instance_uid, _description(datasets), len(datasets))
         try:
-            volume = load_volume(datasets)
+            volume: Volume | None = load_volume(datasets)
         except SeriesSkipped as exc:
             entry.skipped = exc.reason
-            results.append(entry)
+            volume = None
+        budget.check_time()
+        entries.append((entry, volume))
+    lock = model_lock if model_lock is not None else contextlib.nullcontext()
+    for entry, volume in entries:
+        if volume is None:
             continue
-        findings = analyser.predict(volume, explain=True)
+        with lock:
+            findings = analyser.predict(volume, explain=True)
         data = from_findings(volume, findings, title=entry.description)
         try:
             data.outputs = result_objects(findings, volume)
         except ResultsError as exc:
-            logger.warning("upload %s: result objects not built: %s", series_instance_uid, exc)
+            logger.warning(
+                "upload %s: result objects not built: %s", entry.series_instance_uid, exc
+            )
             data.note = f"result objects could not be built: {exc}"
         entry.data = data
-        results.append(entry)
-    return results, problems
+    return [entry for entry, _ in entries], problems

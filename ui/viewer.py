@@ -29,6 +29,7 @@ from ui.render import (
 )
 from ui.render import legend as render_legend
 from ui.series import ViewerData
+from ui.text import plain
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ CUSTOM = "custom"
 def finding_banner(data: ViewerData) -> None:
     """The series-level finding in one coloured line, and the subtype table."""
     if data.hemorrhage is None:
-        st.info(f"Not analysed: {data.note}" if data.note else "Not analysed")
+        st.info(f"Not analysed: {plain(data.note)}" if data.note else "Not analysed")
         return
     probability = data.hemorrhage_probability
     p_text = (
@@ -56,7 +57,7 @@ def finding_banner(data: ViewerData) -> None:
     else:
         st.success(f"No hemorrhage found{p_text}")
     if data.note:
-        st.caption(data.note)
+        st.caption(plain(data.note))
     if data.subtypes:
         rows = []
         for name in SUBTYPES:
@@ -108,7 +109,7 @@ def show(
         it to compute ``(gradcam, slice_probabilities)``; it returns None on failure
         (after showing its own message).
     """
-    st.subheader(data.title)
+    st.subheader(plain(data.title))
     finding_banner(data)
     hits = finding_slices(data.slice_probabilities, data.masks)
     slice_key = f"{key}-slice"
@@ -247,7 +248,7 @@ def metadata_panel_for(ds: Dataset, key: str) -> None:
     with header:
         query = st.text_input("Search the header", key=f"{key}-header-search")
         rows = header_rows(ds, query)
-        st.caption(f"{len(rows)} elements" + (f" matching {query!r}" if query else ""))
+        st.caption(f"{len(rows)} elements" + (f" matching {plain(repr(query))}" if query else ""))
         st.dataframe(header_table(rows), hide_index=True, width="stretch", height=360)
 
 

@@ -35,7 +35,7 @@ def _app(monkeypatch: pytest.MonkeyPatch, config: Path) -> AppTest:
 
 def shown(markdown: str) -> str:
     """The text a browser shows for a Markdown body whose punctuation is escaped (ui.text.plain)."""
-    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown)
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown).replace("\u2060", "")
 
 
 def _run(at: AppTest) -> AppTest:
@@ -345,7 +345,9 @@ def test_missing_index_and_bad_config_are_one_line(
 ) -> None:
     config = write_config(tmp_path)
     at = _app(monkeypatch, config)
-    assert shown(at.warning[0].value).startswith(f"no index at {tmp_path / 'data' / 'index.sqlite'}")
+    assert shown(at.warning[0].value).startswith(
+        f"no index at {tmp_path / 'data' / 'index.sqlite'}"
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("[node]\nport = 0\n")
     at = _app(monkeypatch, bad)
