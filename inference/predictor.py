@@ -306,13 +306,21 @@ class Predictor:
         if hu.ndim != 3 or hu.shape[0] == 0 or min(hu.shape[1:]) < 2:
             raise ValueError(f"expected a (z, y, x) HU volume, got shape {hu.shape}")
         z, rows, cols = hu.shape
-        x = prepare_volume(hu, self.config.input_size, self.config.neighbours)
         probs = np.empty((z, len(CLASSES)), dtype=np.float32)
         masks = np.zeros((len(SUBTYPES), z, rows, cols), dtype=bool)
         cams: list[torch.Tensor] = []
         mask_logit = float(np.log(self.mask_threshold / (1.0 - self.mask_threshold)))
+        neighbours = self.config.neighbours
         for start in range(0, z, self.batch_size):
-            xb = x[start : start + self.batch_size].to(self.device, non_blocking=True)
+            stop = min(z, start + self.batch_size)
+            # The network input (windows x neighbours at input_size, ~2.4 MB a slice
+            # at 256) is made one batch at a time, from the batch's slices and their
+            # neighbours: memory follows the voxels of the series, not its slice
+            # count (10,000 slices of 8x8 pixels once needed ~23 GB here).
+            lo, hi = max(0, start - neighbours), min(z, stop + neighbours)
+            slab = prepare_volume(hu[lo:hi], self.config.input_size, neighbours)
+            xb = slab[start - lo : stop - lo].to(self.device, non_blocking=True)
+            del slab
             xb = xb.contiguous(memory_format=torch.channels_last)
             with (
                 torch.inference_mode(),
