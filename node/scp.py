@@ -34,6 +34,10 @@ is dropped after ``node.network_timeout_seconds``; with ``[node.tls]`` the TLS
 handshake runs in the connection's own thread under that timeout (a silent or
 failing client never holds the accept loop). A PDU whose declared length is
 over :data:`MAX_PDU_LENGTH` closes the connection before anything is buffered.
+Only associations hold one of the ``node.max_associations`` slots, from their
+A-ASSOCIATE-RQ until they end (:meth:`StorageSCP._handle_requested`): a
+health check, a port scan, garbage or a refused caller never holds one, and the
+thread of a connection closed before its request ends at once.
 Every value from the wire that this module, the archive, pynetdicom or pydicom
 logs goes through :class:`node.wire.EscapeWireValues` (installed by
 :class:`StorageSCP`), so it stays on one printable line. The DIMSE layer lets
@@ -85,7 +89,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -131,6 +135,10 @@ TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 ]
+
+#: pynetdicom's association limit, set beyond reach: the node counts its own
+#: slots (``node.max_associations``, :meth:`StorageSCP._handle_requested`).
+_PYNETDICOM_MAX_ASSOCIATIONS = 1 << 20
 
 #: Maximum Length Received announced to peers: the largest P-DATA-TF PDU
 #: variable field a peer may send (PS3.8 D.1). Large enough for few reads per
@@ -631,6 +639,9 @@ class StorageSCP:
         self.shutdown_grace_s = shutdown_grace_s
         self._server: GuardedAssociationServer | None = None
         self._states: dict[int, _AssociationState] = {}
+        # Associations holding one of node.max_associations slots: from their
+        # A-ASSOCIATE-RQ until they are rejected, released, aborted or closed.
+        self._slots: set[Association] = set()
         self._states_lock = threading.Lock()
         self._server_thread: threading.Thread | None = None
         # Built now, so a certificate that does not load stops the start-up.
@@ -643,7 +654,11 @@ class StorageSCP:
         escape_wire_logs()
         pynetdicom_config.VALIDATORS["UI"] = _lenient_ui
         ae = AE(ae_title=self.node.ae_title)
-        ae.maximum_associations = self.node.max_associations
+        # pynetdicom's own limit counts every acceptor thread, also those of
+        # connections that never sent an A-ASSOCIATE-RQ (a health check holds
+        # one for acse_timeout_seconds) or were refused; the node counts its
+        # slots itself (_handle_requested), so pynetdicom's is out of the way.
+        ae.maximum_associations = _PYNETDICOM_MAX_ASSOCIATIONS
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.node.allowed_calling_aets)
         # Let peers send large PDUs (fewer reads per instance), but bounded.
@@ -673,6 +688,7 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store, [self.archive, self.index]),
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_ACCEPTED, self._handle_accepted),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_RELEASED, self._handle_released),
@@ -767,16 +783,59 @@ class StorageSCP:
             extra={"association_id": association_id, "calling_ae": calling_ae},
         )
 
-    def _handle_rejected(self, event: evt.Event) -> None:
+    def _handle_requested(self, event: evt.Event) -> None:
+        """Give the A-ASSOCIATE-RQ a slot, or reject it with "local limit exceeded".
+
+        Only associations hold slots: a connection that never sends a request
+        (a health check, a port scan, garbage) never takes one, and every way an
+        association ends gives its slot back (:meth:`_release_slot`); a slot
+        whose thread has ended is free whatever happened.
+        """
         assoc = event.assoc
-        calling_ae = str(assoc.requestor.ae_title).strip()
-        called_ae = str(assoc.requestor.primitive.called_ae_title).strip()  # type: ignore[union-attr]
-        if self.node.allowed_calling_aets and calling_ae not in self.node.allowed_calling_aets:
-            detail = "calling AE title not recognised"
-        elif called_ae != self.node.ae_title:
-            detail = "called AE title not recognised"
-        else:
-            detail = "local limit exceeded (node.max_associations)"
+        with self._states_lock:
+            self._slots = {a for a in self._slots if a.is_alive()}
+            if len(self._slots) < self.node.max_associations:
+                self._slots.add(assoc)
+                return
+        # rejected-transient, service-provider (presentation), local limit exceeded
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        # pynetdicom closes the socket as soon as this handler returns; let the
+        # DUL thread put the A-ASSOCIATE-RJ on the wire first.
+        deadline = time.monotonic() + 2.0
+        while (
+            assoc.dul.state_machine.current_state not in ("Sta13", "Sta1")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.005)
+        self._audit_rejection(assoc, "local limit exceeded (node.max_associations)")
+
+    def _release_slot(self, assoc: Association) -> None:
+        with self._states_lock:
+            self._slots.discard(assoc)
+
+    def _handle_rejected(self, event: evt.Event) -> None:
+        self._release_slot(event.assoc)
+        self._audit_rejection(event.assoc)
+
+    def _audit_rejection(self, assoc: Association, detail: str | None = None) -> None:
+        request = cast(A_ASSOCIATE, assoc.requestor.primitive)
+        # From the request: on a rejection from _handle_requested, pynetdicom has
+        # not copied the calling AE title to assoc.requestor yet.
+        calling_ae = str(request.calling_ae_title).strip()
+        called_ae = str(request.called_ae_title).strip()
+        if detail is None:
+            rj = assoc.acceptor.primitive
+            if self.node.allowed_calling_aets and calling_ae not in self.node.allowed_calling_aets:
+                detail = "calling AE title not recognised"
+            elif called_ae != self.node.ae_title:
+                detail = "called AE title not recognised"
+            elif rj is not None:
+                detail = (
+                    f"rejected (result {rj.result}, source {rj.result_source},"
+                    f" diagnostic {rj.diagnostic})"
+                )
+            else:
+                detail = "rejected"
         association_id = self.index.record_rejected_association(
             calling_ae,
             called_ae,
@@ -808,6 +867,7 @@ class StorageSCP:
 
     def _finish(self, assoc: Association, outcome: AssociationOutcome) -> None:
         with self._states_lock:
+            self._slots.discard(assoc)
             state = self._states.pop(id(assoc), None)
         if state is None or state.closed:
             return
@@ -853,6 +913,12 @@ class StorageSCP:
         # The socket may close before the reactor has seen the A-ABORT or
         # A-RELEASE that preceded it; look at what is waiting in the DUL.
         assoc = event.assoc
+        if assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
+            # Closed before an A-ASSOCIATE-RQ arrived (a health check, a port
+            # scan, garbage): the acceptor thread would wait acse_timeout_seconds
+            # for the request. This runs in the DUL thread, the only one that
+            # fills the queue; the None tells the acceptor the wait is over.
+            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
         outcome = AssociationOutcome.CLOSED
         if assoc.is_aborted:
             outcome = AssociationOutcome.ABORTED
