@@ -9,7 +9,8 @@ uploaded is written to the index or sent anywhere.
 An upload is bounded by :class:`UploadLimits` (``[ui]`` in the configuration):
 its expanded size, checked against the sizes a zip declares before anything is
 extracted and again on the bytes actually written; its number of files, zip
-members counted; and the time staging and reading may take. An upload beyond
+members counted, and what deflated DICOM files inflate to, since the reader
+holds that in memory; and the time staging and reading may take. An upload beyond
 one of them is refused whole with :class:`UploadRefused` and a log line. The
 model lock, when one is given, is held only while the network runs, so one
 large upload being staged or read does not hold up another user's.
@@ -21,8 +22,10 @@ import contextlib
 import io
 import logging
 import re
+import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pydicom import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED
 
 from inference.findings import SeriesFindings
 from inference.volume import SeriesSkipped, Volume, load_volume, read_series
@@ -147,16 +151,17 @@ class _Budget:
                 f"{self.limits.max_files:,} (ui.upload_max_files)"
             )
 
-    def expanded_beyond(self, n: int, what: str) -> UploadRefused:
-        return _refuse(
-            f"{what} expands the upload to {_mb(n)}, more than "
-            f"{_mb(self.limits.max_expanded_bytes)} (ui.upload_max_expanded_mb)"
-        )
+    def expanded_beyond(self, n: int | None, what: str) -> UploadRefused:
+        """The refusal: ``n`` is the whole size when known, None when counting stopped early."""
+        limit = _mb(self.limits.max_expanded_bytes)
+        size = f"to {_mb(n)}, more than" if n is not None else "beyond"
+        return _refuse(f"{what} expands the upload {size} {limit} (ui.upload_max_expanded_mb)")
 
-    def add_bytes(self, n: int, what: str) -> None:
+    def add_bytes(self, n: int, what: str, *, whole: bool = True) -> None:
+        """Count ``n`` more bytes; ``whole``: ``n`` is all of ``what``, not a part counted so far."""
         self.bytes += n
         if self.bytes > self.limits.max_expanded_bytes:
-            raise self.expanded_beyond(self.bytes, what)
+            raise self.expanded_beyond(self.bytes if whole else None, what)
 
 
 def stage(
@@ -219,7 +224,7 @@ def stage(
                     partial = target(f"{name}:{member.filename}")
                     with archive.open(member) as source, partial.open("wb") as sink:
                         while chunk := source.read(CHUNK_BYTES):
-                            budget.add_bytes(len(chunk), f"zip {name}")
+                            budget.add_bytes(len(chunk), f"zip {name}", whole=False)
                             budget.check_time()
                             sink.write(chunk)
                     partial = None
@@ -264,6 +269,85 @@ def result_objects(findings: SeriesFindings, volume: Volume) -> dict[str, bytes]
         )
         outputs[f"{kind}-{ds.SOPInstanceUID}.dcm"] = _encode(ds)
     return outputs
+
+
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_META_READ = 64 * 1024
+
+
+def _deflated_start(path: Path) -> int | None:
+    """Where the deflated data set of a Deflated Explicit VR Little Endian file starts.
+
+    None when the file is anything else (the File Meta group is parsed element
+    by element, as the reader does, so a missing group length does not hide it).
+    """
+    with path.open("rb") as handle:
+        head = handle.read(_META_READ)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    position, syntax = 132, b""
+    while position + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, position)
+        if group != 0x0002:
+            break
+        vr = head[position + 4 : position + 6]
+        if vr in _LONG_VRS:
+            if position + 12 > len(head):
+                return None
+            length, header = struct.unpack_from("<I", head, position + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", head, position + 6)[0], 8
+        if element == 0x0010:
+            syntax = head[position + header : position + header + length]
+        position += header + length
+    if syntax.rstrip(b"\0 ") != DEFLATED.encode():
+        return None
+    return position
+
+
+def _inflated_size(path: Path, start: int, cap: int) -> int:
+    """Bytes the deflated data set from ``start`` inflates to, counted up to just past ``cap``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with path.open("rb") as handle:
+        handle.seek(start)
+        while total <= cap and (chunk := handle.read(CHUNK_BYTES)):
+            while chunk and total <= cap:
+                try:
+                    total += len(inflater.decompress(chunk, CHUNK_BYTES))
+                except zlib.error:
+                    return total  # the reader will call it unreadable
+                chunk = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+    return total
+
+
+def _check_deflated(staged: Staged, budget: _Budget) -> None:
+    """Count what deflated DICOM files inflate to (the reader holds all of it in memory)."""
+    for path in staged.paths:
+        budget.check_time()
+        start = _deflated_start(path)
+        if start is None:
+            continue
+        room = budget.limits.max_expanded_bytes - budget.bytes
+        budget.add_bytes(
+            _inflated_size(path, start, room), f"deflated {staged.names[path]}", whole=False
+        )
 
 
 def _read(
@@ -327,6 +411,7 @@ def analyse_upload(
         raise UploadError(
             "; ".join(f"{p.name}: {p.reason}" for p in problems) or "no files were uploaded"
         )
+    _check_deflated(staged, budget)
     groups, unreadable = _read(staged.paths, budget)
     for path, reason in unreadable:
         problems.append(Problem(staged.names.get(Path(path), Path(path).name), reason))

@@ -9,6 +9,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests.ui.conftest import make_series
 from ui.upload import MB, UploadLimits, UploadRefused, analyse_upload, stage
@@ -176,3 +178,27 @@ def test_reading_time_is_bounded_and_the_model_never_runs(tmp_path: Path) -> Non
             [("slow.zip", buffer.getvalue())], tmp_path / "stage", NoModel(), limits=limits
         )  # type: ignore[arg-type]
     assert time.monotonic() - started < 10
+
+
+def test_deflated_dicom_is_counted_as_it_inflates(tmp_path: Path) -> None:
+    # the reader inflates a Deflated Explicit VR Little Endian file whole, in memory
+    phantom = make_series(tmp_path / "src", 22, (), transfer_syntax="deflated")
+    ds = dcmread(phantom.paths[0])
+    assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    ds.add_new((0x0011, 0x0010), "LO", "PADDING")
+    ds.add_new((0x0011, 0x1000), "OB", bytes(64 * MB))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    small = buffer.getvalue()
+    assert len(small) < 1 * MB
+
+    class NoModel:
+        def predict(self, volume: object, *, explain: bool = True) -> object:
+            raise AssertionError("the model ran on an upload that was refused")
+
+    (tmp_path / "stage").mkdir()
+    limits = UploadLimits(max_expanded_bytes=16 * MB)
+    with pytest.raises(
+        UploadRefused, match=r"deflated inflated.dcm expands the upload beyond 16 MB"
+    ):
+        analyse_upload([("inflated.dcm", small)], tmp_path / "stage", NoModel(), limits=limits)  # type: ignore[arg-type]
