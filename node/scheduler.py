@@ -207,7 +207,11 @@ def requeue_orphans(
     A job is orphaned when ``all_running`` (the node starts and no worker of
     it runs yet), its heartbeat is older than ``jobs.stale_after_seconds``, or
     its ``claimed_by`` process is dead. A job that already used
-    ``jobs.max_attempts`` becomes ``failed``. The caller commits; returns the job ids.
+    ``jobs.max_attempts`` (its worker died each time, e.g. killed for memory)
+    is not analysed again: with ``jobs.report_not_analysed`` it is queued once
+    more so that a worker, seeing attempts beyond the maximum, only writes its
+    "not analysed" SR and marks it ``failed``; otherwise it becomes ``failed``
+    here. The caller commits; returns the job ids.
     """
     now = now or utcnow()
     stale_before = now - dt.timedelta(seconds=jobs.stale_after_seconds)
@@ -225,6 +229,13 @@ def requeue_orphans(
             continue
         taken.append(job.id)
         series = session.get(Series, job.series_id)
+        if job.attempts >= jobs.max_attempts and jobs.report_not_analysed:
+            job.state = JobState.QUEUED
+            job.error = f"worker {job.claimed_by} stopped during attempt {job.attempts}"
+            job.claimed_by = None
+            job.not_before = now
+            logger.error("job %s: %s; giving up (not-analysed report next)", job.id, job.error)
+            continue
         if job.attempts >= jobs.max_attempts:
             job.state = JobState.FAILED
             job.error = f"worker {job.claimed_by} stopped during attempt {job.attempts}"

@@ -218,6 +218,10 @@ class JobRunner:
         logger.info("job %s: series %s, attempt %d", job.id, job.series_id, job.attempts)
         with _Heartbeat(self.index, job.id, self.claimed_by, self.settings.jobs.heartbeat_seconds):
             try:
+                if job.attempts > self.settings.jobs.max_attempts:
+                    # Its workers died during every attempt (requeue_orphans): no
+                    # further try, only the answer that it could not be analysed.
+                    return self._give_up(job)
                 return self._analyse(job)
             except SeriesSkipped as exc:
                 return self._finish_skipped(job, exc.reason)
@@ -446,15 +450,24 @@ class JobRunner:
         )
         return JobOutcome(job.id, "skipped", [str(p) for p in files], reason)
 
-    def _finish_failed(self, job: ClaimedJob, reason: str) -> JobOutcome:
+    def _give_up(self, job: ClaimedJob) -> JobOutcome:
+        with self.index.session(readonly=True) as session:
+            row = session.get(Job, job.id)
+            error = (row.error if row is not None else None) or "worker stopped"
+        return self._finish_failed(job, error, attempts=job.attempts - 1)
+
+    def _finish_failed(
+        self, job: ClaimedJob, reason: str, *, attempts: int | None = None
+    ) -> JobOutcome:
         jobs = self.settings.jobs
+        tried = job.attempts if attempts is None else attempts
         final = job.attempts >= jobs.max_attempts
         objects: list[Dataset] = []
         files: list[Path] = []
         destinations: list[str] = []
         if final:
             objects, files, destinations = self._not_analysed_report(
-                job, f"analysis failed after {job.attempts} attempts: {reason}"
+                job, f"analysis failed after {tried} attempts: {reason}"
             )
         now = utcnow()
         with self.index.session() as session:
@@ -474,7 +487,7 @@ class JobRunner:
                 row.finished_at = now
                 if series is not None:
                     series.status = SeriesStatus.FAILED
-                    series.reason = f"analysis failed after {row.attempts} attempts: {reason}"
+                    series.reason = f"analysis failed after {tried} attempts: {reason}"
                 return JobOutcome(job.id, "failed", [str(p) for p in files], reason)
             wait = jobs.retry_backoff_seconds * 2 ** (row.attempts - 1)
             row.state = JobState.QUEUED

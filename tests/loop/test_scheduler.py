@@ -240,18 +240,31 @@ def test_orphaned_jobs_are_taken_up_again(tmp_path: Path) -> None:
     assert sorted(taken) == sorted([a.id, c.id])
     states = dict(_jobs(index))
     assert states[a.id] == "queued" and states[c.id] == "queued" and states[b.id] == "running"
-    # at start-up every running job is orphaned; a second loss exhausts max_attempts=2
+    # at start-up every running job is orphaned; a second loss exhausts max_attempts=2:
+    # with report_not_analysed off the job fails here and then
+    quiet = JobSettings(max_attempts=2, stale_after_seconds=30, report_not_analysed=False)
     with index.session() as session:
         again = claim_job(session, f"{host}:{dead_pid}", at(2))
     assert again is not None and again.attempts == 2
     with index.session() as session:
-        requeue_orphans(session, jobs, at(3), all_running=True)
+        requeue_orphans(session, quiet, at(3), all_running=True)
     states = dict(_jobs(index))
     assert states[again.id] == "failed"
     assert states[b.id] == "queued"
     failed_series = _series_by_job(index, again.id)
     assert failed_series.status == SeriesStatus.FAILED
     assert failed_series.reason and "stopped" in failed_series.reason
+    # by default it is queued once more, for a worker to write its not-analysed SR
+    # (tests/loop/test_worker.py), never to be analysed again
+    with index.session() as session:
+        last = claim_job(session, f"{host}:{dead_pid}", at(4))
+        assert last is not None and last.id != again.id and last.attempts == 2
+        taken = requeue_orphans(session, jobs, at(5), all_running=True)
+    assert last.id in taken
+    with index.session(readonly=True) as session:
+        row = session.get(Job, last.id)
+        assert row is not None and row.state == JobState.QUEUED and row.attempts == 2
+        assert row.error and "stopped during attempt 2" in row.error
 
 
 def _series_by_job(index: Index, job_id: int) -> Series:

@@ -197,6 +197,44 @@ def test_unanalysable_series_is_skipped_with_reason(tmp_path: Path, predictor: P
     _assert_not_analysed_report(index, outcome.results, outcome.reason)
 
 
+def test_job_whose_workers_all_died_gets_only_its_not_analysed_report(
+    tmp_path: Path, predictor: Predictor
+) -> None:
+    """Killed during each of its attempts (e.g. for memory): never analysed again."""
+    import socket
+    import subprocess
+    import sys
+
+    index = new_index(tmp_path)
+    study = make_study(tmp_path / "src", 15, (), n_slices=4)
+    job_id = _queue(index, study.files)
+    settings = _settings(tmp_path)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True
+    )
+    gone = f"{socket.gethostname()}:{int(dead.stdout)}"
+    with index.session() as session:
+        session.execute(update(Job).values(attempts=2))
+        claimed = claim_job(session, gone)  # the third and last attempt, its worker dies
+        assert claimed is not None and claimed.attempts == 3
+    with index.session() as session:
+        requeue_orphans(session, settings.jobs)
+    runner = JobRunner(settings, index, predictor)
+    job = runner.claim()
+    assert job is not None and job.id == job_id and job.attempts == 4
+    outcome = runner.process(job)
+    assert outcome.state == "failed"
+    with index.session(readonly=True) as session:
+        row = session.get(Job, job_id)
+        series = session.execute(select(Series)).scalar_one()
+    assert row is not None and row.state == JobState.FAILED and row.inference_seconds is None
+    assert series.status == SeriesStatus.FAILED and series.hemorrhage is None
+    assert (
+        series.reason == f"analysis failed after 3 attempts: worker {gone} stopped during attempt 3"
+    )
+    _assert_not_analysed_report(index, outcome.results, series.reason)
+
+
 def test_not_analysed_report_can_be_turned_off(tmp_path: Path, predictor: Predictor) -> None:
     index = new_index(tmp_path)
     study, series = generate_uid(), generate_uid()
