@@ -171,6 +171,10 @@ class MalformedDatasetError(ValueError):
     """The received bytes are not a well-formed dataset in the context's transfer syntax."""
 
 
+class OversizeDatasetError(ValueError):
+    """The dataset is larger than the node accepts (``node.max_instance_mb``)."""
+
+
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
@@ -325,25 +329,32 @@ def _walk_items(
         pos += length
 
 
-def check_encoding(raw: bytes | memoryview, transfer_syntax: str) -> _Walk:
+def check_encoding(
+    raw: bytes | memoryview, transfer_syntax: str, *, max_inflated: int = 1 << 31
+) -> _Walk:
     """Check that ``raw`` is a well-formed dataset in ``transfer_syntax``.
 
     Every element, item and fragment must fit in the bytes that arrived; every
     explicit VR must be one of PS3.5 6.2. pydicom alone would read a
-    truncated value as a shorter one.
+    truncated value as a shorter one. Deflated data is inflated up to
+    ``max_inflated`` bytes, never further.
 
     Raises
     ------
     MalformedDatasetError
         Naming the first problem.
+    OversizeDatasetError
+        When deflated data inflates to more than ``max_inflated`` bytes.
     """
     uid = UID(transfer_syntax)
     if uid.is_deflated:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            raw = inflater.decompress(raw, 1 << 31)
+            raw = inflater.decompress(raw, max_inflated + 1)
         except zlib.error as exc:
             raise MalformedDatasetError(f"deflated data cannot be inflated: {exc}") from None
+        if len(raw) > max_inflated:
+            raise OversizeDatasetError(f"deflated data inflates to more than {max_inflated} bytes")
     # A memoryview is used as it is: a second view of it would be an export
     # that keeps the caller from releasing it.
     buf = raw if isinstance(raw, memoryview) else memoryview(raw)
@@ -1035,7 +1046,7 @@ class StorageSCP:
         extra = {"association_id": aid, "calling_ae": calling}
         affected_uid = str(request.AffectedSOPInstanceUID or "")
         try:
-            walk = check_encoding(raw, transfer_syntax)
+            walk = check_encoding(raw, transfer_syntax, max_inflated=self.max_instance_bytes)
             if walk.has_file_meta:
                 raise MalformedDatasetError("the dataset carries File Meta Information (0002,xxxx)")
             ds = _read_header(event, transfer_syntax, raw, walk)
@@ -1054,6 +1065,15 @@ class StorageSCP:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
                 transfer_syntax_uid=transfer_syntax,
             )
+        except OversizeDatasetError as exc:
+            logger.warning(
+                "assoc %d: refused %s: %s, over node.max_instance_mb",
+                aid,
+                affected_uid,
+                exc,
+                extra=extra,
+            )
+            return _status(STATUS_OUT_OF_RESOURCES, "instance larger than the node accepts")
         except MalformedDatasetError as exc:
             logger.warning(
                 "assoc %d: refused %s: malformed dataset: %s", aid, affected_uid, exc, extra=extra

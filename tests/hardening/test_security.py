@@ -23,6 +23,7 @@ import re
 import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -31,7 +32,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian
 from sqlalchemy import select
 
 from storage.models import Instance, Patient, Series, Study
@@ -234,6 +235,28 @@ def test_instance_over_the_size_limit_is_refused_with_bounded_memory(
     assert _instance_row(node, str(after.SOPInstanceUID)) is not None
     lines = _wait_for_log(node, r"refused .* over node\.max_instance_mb")
     assert lines and str(big.SOPInstanceUID) in lines[-1], lines
+
+
+def test_deflated_instance_that_inflates_over_the_limit_is_refused(node: NodeRunner) -> None:
+    """A few hundred kB of deflated data that would inflate to 64 MB: refused, never inflated."""
+    ds = small_ct(size=16)
+    block = ds.private_block(0x0009, "ICHNODE TEST", create=True)
+    block.add_new(0x01, "OB", bytes(64 * 1024 * 1024))
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflater.compress(dataset_bytes(ds)) + deflater.flush()
+    assert len(body) < 1024 * 1024
+    assert node.process is not None
+    baseline = rss_mb(node.process.pid)
+    raw = RawAssociation(node.port, timeout=60)
+    raw.associate([(1, CTImageStorage, [DeflatedExplicitVRLittleEndian])])
+    assert raw.accepted == {1: DeflatedExplicitVRLittleEndian}
+    with RssSampler(node.process.pid, interval=0.02) as sampler:
+        status = raw.c_store(str(ds.SOPInstanceUID), body)
+    raw.release()
+    assert status == 0xA700, f"0x{status:04X}"
+    assert sampler.max_mb - baseline < RSS_GROWTH_BOUND_MB
+    assert _instance_row(node, str(ds.SOPInstanceUID)) is None
+    assert _wait_for_log(node, r"inflates to more than \d+ bytes, over node\.max_instance_mb")
 
 
 def test_instance_just_under_the_size_limit_is_stored(node: NodeRunner) -> None:
