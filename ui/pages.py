@@ -343,6 +343,11 @@ def upload_page(settings: Settings) -> None:
         st.session_state.pop("upload-result", None)
         return
     signature = tuple((f.name, f.size, getattr(f, "file_id", "")) for f in files)
+    refused = st.session_state.get("upload-refused")
+    if refused is not None and refused[0] == signature:
+        # said once already: a rerun does not stage and read the same files again
+        st.error(refused[1])
+        return
     stored = st.session_state.get("upload-result")
     if stored is None or stored[0] != signature:
         try:
@@ -361,10 +366,14 @@ def upload_page(settings: Settings) -> None:
                     model_lock=model_lock(),
                 )
             except UploadRefused as exc:
-                st.error(f"Upload refused, nothing was analysed: {plain(exc)}")
+                message = f"Upload refused, nothing was analysed: {plain(exc)}"
+                st.session_state["upload-refused"] = (signature, message)
+                st.error(message)
                 return
             except UploadError as exc:
-                st.error(f"Nothing to analyse: {plain(exc)}")
+                message = f"Nothing to analyse: {plain(exc)}"
+                st.session_state["upload-refused"] = (signature, message)
+                st.error(message)
                 return
         stored = (signature, series, problems)
         st.session_state["upload-result"] = stored

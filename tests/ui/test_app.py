@@ -384,3 +384,33 @@ def test_upload_of_real_scanner_files_and_a_single_slice(
     assert _image_caption(at).startswith("slice 0 of 0")
     assert at.error or at.success
     assert not at.get("plotly_chart")
+
+
+def test_refused_upload_is_said_once_and_not_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_weights: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = write_config(
+        tmp_path, weights=str(tiny_weights), extra="[ui]\nupload_max_expanded_mb = 1\n"
+    )
+    at = _app(monkeypatch, config)
+    at.sidebar.radio[0].set_value("Upload")
+    _run(at)
+    assert "at most 10,000 files and 1 MB once zips are expanded" in at.caption[0].value
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("zeros.dcm", bytes(8 * 1024**2))
+    with caplog.at_level("WARNING", logger="ui.upload"):
+        at.get("file_uploader")[0].set_value(("bomb.zip", bomb.getvalue(), "application/zip"))
+        _run(at)
+        message = shown(at.error[0].value)
+        assert message == (
+            "Upload refused, nothing was analysed: zip bomb.zip expands the upload to 8 MB, "
+            "more than 1 MB (ui.upload_max_expanded_mb)"
+        )
+        _run(at)  # any rerun of the page: the same message, the files are not read again
+        assert shown(at.error[0].value) == message
+    refusals = [r for r in caplog.records if r.getMessage().startswith("upload refused")]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]

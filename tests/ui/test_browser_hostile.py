@@ -120,6 +120,11 @@ def test_dicom_text_and_url_parameters_show_literally(tmp_path: Path) -> None:
                     page.get_by_text("1 of 1 series", exact=False).wait_for()
                     choice = page.get_by_role("combobox", name="Series")
                     assert description in choice.input_value()
+                    choice.click()  # the open list renders each option
+                    option = page.get_by_role("option").first
+                    option.wait_for()
+                    assert description in option.inner_text().replace("\u2060", "")
+                    page.keyboard.press("Escape")
                     # the viewer's title is the description, shown as it is written
                     page.goto(
                         f"{url}/?series={hostile.series_instance_uid}",
