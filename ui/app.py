@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import streamlit as st
 from starlette.middleware import Middleware
@@ -33,25 +30,7 @@ def _extra_hosts() -> list[str]:
         return []
 
 
-@asynccontextmanager
-async def _stop_cleanly(_app: st.App) -> AsyncIterator[None]:
-    """On SIGTERM, shut down gracefully and exit 0, as Streamlit's own server does.
-
-    uvicorn, which serves ``app``, re-raises a SIGTERM it handled once it has shut
-    down, so the process would end killed by the signal and ``ichnode ui`` would
-    report that as its exit status. The signal was asked for and handled: it is
-    taken off uvicorn's list at the end of the shutdown. Should uvicorn keep that
-    list elsewhere some day, the process merely ends by the signal again.
-    """
-    yield
-    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
-    captured = getattr(server, "_captured_signals", None)
-    if isinstance(captured, list):
-        captured[:] = [s for s in captured if s != signal.SIGTERM]
-
-
 app = st.App(
     "script.py",
     middleware=[Middleware(HostGuard, extra_hosts=_extra_hosts())],
-    lifespan=_stop_cleanly,
 )

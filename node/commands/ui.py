@@ -97,12 +97,20 @@ def run(args: argparse.Namespace) -> int:
     )
     child = subprocess.Popen(streamlit_command(port), env=env)
 
+    forwarded: list[int] = []
+
     def _forward(signum: int, _frame: FrameType | None) -> None:
+        forwarded.append(signum)
         child.send_signal(signum)
 
     previous = signal.signal(signal.SIGTERM, _forward)
     try:
-        return child.wait()
+        code = child.wait()
+        # The server re-raises a SIGTERM it has handled once it has shut down: a stop
+        # that was asked for is a clean exit, not a death by signal.
+        if code == -signal.SIGTERM and signal.SIGTERM in forwarded:
+            return 0
+        return code
     except KeyboardInterrupt:
         child.send_signal(signal.SIGINT)
         try:

@@ -316,3 +316,6 @@ def serve(config: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+            pytest.fail("ichnode ui did not stop within 30 s of SIGTERM")
+        # A stop that was asked for is a clean exit (what systemd and the tests expect).
+        assert child.returncode == 0, f"ichnode ui ended with {child.returncode} after SIGTERM"
