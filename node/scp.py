@@ -58,6 +58,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 from pydicom import config as pydicom_config
@@ -100,10 +101,10 @@ from node.wire import escape_wire_logs, uid_problem
 from storage.archive import Archive, ArchiveError, UnsafeUIDError
 from storage.index import (
     Index,
-    InstanceConflictError,
     InstanceMeta,
     InvalidAttributeError,
     MissingAttributeError,
+    UIDConflictError,
 )
 from storage.models import AssociationOutcome, utcnow
 
@@ -1146,16 +1147,17 @@ class StorageSCP:
             return _status(STATUS_DATASET_MISMATCH, "image without Pixel Data")
 
         # Before the file is written: a re-send under another patient but the
-        # same study and series folder would otherwise overwrite the stored file.
-        # record_instance checks again inside its transaction.
+        # same study and series folder would otherwise overwrite the stored
+        # file, and a refused instance leaves no file behind (not even after a
+        # crash, for storage.recovery to find). record_instance checks again
+        # inside its transaction.
         try:
-            owner = index.instance_owner(meta.sop_instance_uid)
+            conflict = index.find_conflict(meta)
         except SQLAlchemyError as exc:
             logger.error("assoc %d: cannot read the index: %s", aid, exc, extra=extra)
             return _status(STATUS_OUT_OF_RESOURCES, "cannot read the index")
-        reason = owner.conflict_with(meta) if owner is not None else None
-        if owner is not None and reason is not None:
-            return self._conflict(aid, extra, meta, owner.study_instance_uid, reason)
+        if conflict is not None:
+            return self._conflict(aid, extra, meta, conflict)
 
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = calling
@@ -1184,13 +1186,13 @@ class StorageSCP:
                 association_id=aid,
                 received_at=received_at,
             )
-        except InstanceConflictError as exc:
-            # Another association stored the same SOP Instance UID under another
-            # study or patient since the check above; the stored row wins.
-            kept = archive.path_for(
-                exc.stored.study_instance_uid, exc.stored.series_instance_uid, meta.sop_instance_uid
-            )
-            if stored.path != kept:
+        except UIDConflictError as exc:
+            # The series or study belongs to another study or patient, or another
+            # association stored this SOP Instance UID for one since the check
+            # above: the stored rows win, the file just written goes unless it
+            # is the one an indexed row names.
+            row = index.instance(meta.sop_instance_uid)
+            if row is None or Path(row["path"]) != stored.path:
                 archive.remove(stored.path)
             else:
                 logger.error(
@@ -1198,10 +1200,10 @@ class StorageSCP:
                     " of the stored instance at %s",
                     aid,
                     meta.sop_instance_uid,
-                    kept,
+                    stored.path,
                     extra=extra,
                 )
-            return self._conflict(aid, extra, meta, exc.stored.study_instance_uid, exc.reason)
+            return self._conflict(aid, extra, meta, exc)
         except SQLAlchemyError as exc:
             logger.error("assoc %d: cannot index %s: %s", aid, affected_uid, exc, extra=extra)
             return _status(STATUS_OUT_OF_RESOURCES, "cannot write the index")
@@ -1238,25 +1240,27 @@ class StorageSCP:
 
 
     def _conflict(
-        self,
-        aid: int,
-        extra: dict[str, Any],
-        meta: InstanceMeta,
-        stored_study_instance_uid: str,
-        reason: str,
+        self, aid: int, extra: dict[str, Any], meta: InstanceMeta, conflict: UIDConflictError
     ) -> Dataset:
-        """Refuse a re-send of a stored SOP Instance UID under another patient or study."""
+        """Refuse an instance whose SOP Instance, Series or Study UID is another patient's or study's.
+
+        PS3.4 Annex B (C-STORE statuses) leaves "Error: Cannot understand" (Cxxx) for an instance the
+        SCP cannot store for reasons of its own; 0xA900 would claim the data set
+        does not match its SOP class, which is not the problem.
+        """
         logger.warning(
-            "assoc %d: refused %s: already stored under %s (stored in study %s, received for"
-            " study %s); the stored instance is kept",
+            "assoc %d: refused %s: %s %s is already stored under %s (stored in study %s,"
+            " received for study %s); what is stored is kept",
             aid,
             meta.sop_instance_uid,
-            reason,
-            stored_study_instance_uid,
+            conflict.keyword,
+            conflict.uid,
+            conflict.reason,
+            conflict.stored.study_instance_uid,
             meta.study_instance_uid,
             extra=extra,
         )
-        return _status(STATUS_CANNOT_UNDERSTAND, f"SOP Instance UID stored under {reason}")
+        return _status(STATUS_CANNOT_UNDERSTAND, f"{conflict.keyword} stored under {conflict.reason}")
 
 
 def _lenient_ui(value: Any) -> tuple[bool, str]:

@@ -70,6 +70,10 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
+
+def _owner_key(meta: InstanceMeta) -> tuple[str, str, str]:
+    return (meta.study_instance_uid, meta.patient_id, meta.issuer_of_patient_id)
+
 # The row of a known SOP Instance UID with the study, series and patient it
 # belongs to (the re-send path of the SQLite C-STORE hot path).
 _OWNER_SQL = (
@@ -242,17 +246,27 @@ class InstanceOwner:
         return None
 
 
-class InstanceConflictError(Exception):
-    """A re-sent SOP Instance UID names another patient or study than the stored instance.
+class UIDConflictError(Exception):
+    """A UID the index keys on already names rows of another patient or study.
 
-    The stored instance is kept; nothing was written to the index.
+    ``keyword`` is the UID's DICOM keyword; ``stored`` where the index has it.
+    Nothing was written to the index.
     """
 
-    def __init__(self, sop_instance_uid: str, stored: InstanceOwner, reason: str) -> None:
-        super().__init__(f"SOP Instance UID {sop_instance_uid} is already stored under {reason}")
-        self.sop_instance_uid = sop_instance_uid
+    def __init__(self, keyword: str, uid: str, stored: InstanceOwner, reason: str) -> None:
+        super().__init__(f"{keyword} {uid} is already stored under {reason}")
+        self.keyword = keyword
+        self.uid = uid
         self.stored = stored
         self.reason = reason
+
+
+class InstanceConflictError(UIDConflictError):
+    """A re-sent SOP Instance UID names another patient or study than the stored instance."""
+
+    def __init__(self, sop_instance_uid: str, stored: InstanceOwner, reason: str) -> None:
+        super().__init__("SOPInstanceUID", sop_instance_uid, stored, reason)
+        self.sop_instance_uid = sop_instance_uid
 
 
 @dataclass(frozen=True)
@@ -402,9 +416,10 @@ class Index:
         # Re-entrant, so a nested write session fails with SQLite's busy timeout
         # (a clear error) instead of hanging on this lock.
         self._write_lock = threading.RLock()
-        # series_instance_uid -> (series id, study id) of committed rows; saves
-        # a SELECT per instance on the C-STORE path.
-        self._series_cache: dict[str, tuple[int, int]] = {}
+        # series_instance_uid -> (series id, study id) of committed rows, with
+        # the (study UID, patient ID, issuer) they belong to; saves a SELECT per
+        # instance on the C-STORE path.
+        self._series_cache: dict[str, tuple[int, int, tuple[str, str, str]]] = {}
         processor = DateTime().dialect_impl(self.engine.dialect).bind_processor(self.engine.dialect)
         self._sqlite_datetime: Callable[[Any], Any] = processor or (lambda value: value)
 
@@ -616,6 +631,9 @@ class Index:
             When the SOP Instance UID is indexed under another study or
             patient (see :meth:`InstanceOwner.conflict_with`); nothing is
             written then.
+        UIDConflictError
+            When the Series Instance UID belongs to another study or patient,
+            or the Study Instance UID to another patient (nothing is written).
         """
         now = received_at or utcnow()
         values: dict[str, Any] = {
@@ -664,9 +682,17 @@ class Index:
                 )
                 previous = existing.path if existing.path != str(path) else None
                 result = RecordedInstance(int(existing.id), series_id, study_id, True, previous)
-        # Cache only what was committed.
-        self._series_cache[meta.series_instance_uid] = (series_id, study_id)
+        # Cache only what was committed (_series_for checked that the series
+        # belongs to this study and patient, or made it for them).
+        self._series_cache[meta.series_instance_uid] = (series_id, study_id, _owner_key(meta))
         return result
+
+    def _cached_series(self, meta: InstanceMeta) -> tuple[int, int] | None:
+        """(series id, study id) from the cache when it belongs to ``meta``'s study and patient."""
+        cached = self._series_cache.get(meta.series_instance_uid)
+        if cached is None or cached[2] != _owner_key(meta):
+            return None  # unknown, or a conflict the general path reports
+        return cached[0], cached[1]
 
     def _record_instance_sqlite(
         self, meta: InstanceMeta, now: dt.datetime, values: dict[str, Any]
@@ -677,7 +703,7 @@ class Index:
         the caller down the general path otherwise. Same rows, same timestamp
         format as the SQLAlchemy path (the dialect's DATETIME processor).
         """
-        cached = self._series_cache.get(meta.series_instance_uid)
+        cached = self._cached_series(meta)
         if cached is None:
             return None
         series_id, study_id = cached
@@ -769,6 +795,56 @@ class Index:
         with self.session(readonly=True) as session:
             return self._owner(session, sop_instance_uid)
 
+    def find_conflict(self, meta: InstanceMeta) -> UIDConflictError | None:
+        """The conflict :meth:`record_instance` would raise for ``meta``, or ``None``.
+
+        For the receiver, before it writes the file: a re-send under another
+        patient into the same study and series folder would otherwise replace
+        the stored file. :meth:`record_instance` checks again in its transaction.
+        """
+        with self.session(readonly=True) as session:
+            owner = self._owner(session, meta.sop_instance_uid)
+            if owner is not None:
+                reason = owner.conflict_with(meta)
+                return (
+                    None
+                    if reason is None
+                    else InstanceConflictError(meta.sop_instance_uid, owner, reason)
+                )
+            if self._cached_series(meta) is not None:
+                return None
+            row = session.execute(
+                select(Study.study_instance_uid, Patient.patient_id, Patient.issuer_of_patient_id)
+                .select_from(Series)
+                .join(Study, Study.id == Series.study_pk)
+                .join(Patient, Patient.id == Study.patient_pk)
+                .where(Series.series_instance_uid == meta.series_instance_uid)
+            ).first()
+            if row is not None:
+                owner = InstanceOwner(row[0], meta.series_instance_uid, row[1], row[2])
+                reason = owner.conflict_with(meta)
+                return (
+                    None
+                    if reason is None
+                    else UIDConflictError(
+                        "SeriesInstanceUID", meta.series_instance_uid, owner, reason
+                    )
+                )
+            patient = session.execute(
+                select(Patient.patient_id, Patient.issuer_of_patient_id)
+                .select_from(Study)
+                .join(Patient, Patient.id == Study.patient_pk)
+                .where(Study.study_instance_uid == meta.study_instance_uid)
+            ).first()
+            if patient is not None:
+                owner = InstanceOwner(meta.study_instance_uid, "", patient[0], patient[1])
+                reason = owner.conflict_with(meta)
+                if reason is not None:
+                    return UIDConflictError(
+                        "StudyInstanceUID", meta.study_instance_uid, owner, reason
+                    )
+        return None
+
     @staticmethod
     def _owner(session: Session, sop_instance_uid: str) -> InstanceOwner | None:
         row = session.execute(
@@ -812,7 +888,7 @@ class Index:
     def _series_for(
         self, session: Session, meta: InstanceMeta, now: dt.datetime
     ) -> tuple[int, int]:
-        cached = self._series_cache.get(meta.series_instance_uid)
+        cached = self._cached_series(meta)
         if cached is not None:
             touched = session.execute(
                 update(Series).where(Series.id == cached[0]).values(last_instance_at=now)
@@ -821,16 +897,38 @@ class Index:
                 return cached
             self._series_cache.pop(meta.series_instance_uid, None)  # deleted meanwhile
         row = session.execute(
-            select(Series.id, Series.study_pk).where(
-                Series.series_instance_uid == meta.series_instance_uid
+            select(
+                Series.id,
+                Series.study_pk,
+                Study.study_instance_uid,
+                Patient.patient_id,
+                Patient.issuer_of_patient_id,
             )
+            .join(Study, Study.id == Series.study_pk)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Series.series_instance_uid == meta.series_instance_uid)
         ).first()
         if row is not None:
+            owner = InstanceOwner(row[2], meta.series_instance_uid, row[3], row[4])
+            reason = owner.conflict_with(meta)
+            if reason is not None:
+                # One series of two studies or patients would mix their images.
+                raise UIDConflictError(
+                    "SeriesInstanceUID", meta.series_instance_uid, owner, reason
+                )
             session.execute(update(Series).where(Series.id == row.id).values(last_instance_at=now))
             return int(row.id), int(row.study_pk)
-        study_pk = session.execute(
-            select(Study.id).where(Study.study_instance_uid == meta.study_instance_uid)
-        ).scalar_one_or_none()
+        study = session.execute(
+            select(Study.id, Patient.patient_id, Patient.issuer_of_patient_id)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Study.study_instance_uid == meta.study_instance_uid)
+        ).first()
+        if study is not None:
+            owner = InstanceOwner(meta.study_instance_uid, "", study[1], study[2])
+            reason = owner.conflict_with(meta)
+            if reason is not None:
+                raise UIDConflictError("StudyInstanceUID", meta.study_instance_uid, owner, reason)
+        study_pk = None if study is None else int(study[0])
         if study_pk is None:
             patient_pk = session.execute(
                 select(Patient.id).where(

@@ -363,7 +363,8 @@ def test_sop_instance_uid_resent_under_another_patient_or_study_is_refused(
     assert dcmread(path).PatientID == "SEC-OWNER"
     assert _files_named(node, str(first.SOPInstanceUID)) == [Path(path)]
     assert _series_like(node, str(other_study.SeriesInstanceUID)) == []
-    lines = _wait_for_log(node, f"refused {re.escape(str(first.SOPInstanceUID))}: already stored")
+    uid = re.escape(str(first.SOPInstanceUID))
+    lines = _wait_for_log(node, f"refused {uid}: SOPInstanceUID {uid} is already stored")
     assert len(lines) == 2, lines
     assert "another study" in lines[0] and "another patient" in lines[1]
     for line in lines:
@@ -378,3 +379,38 @@ def test_sop_instance_uid_resent_under_another_patient_or_study_is_refused(
     row = node.index.instance(str(first.SOPInstanceUID))
     assert row is not None and row["resend_count"] == 1 and row["path"] == path
 
+
+
+def test_series_or_study_of_another_patient_is_not_joined(node: NodeRunner) -> None:
+    """A new instance naming a stored series of another study, or a stored study of another
+    patient, would mix two patients' images in one series or study: refused."""
+    first = small_ct(size=16)
+    first.PatientID = "SEC-FIRST"
+    assert _send(node, first) == 0
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+
+    same_series = small_ct(series_instance_uid=series, size=16)  # another study
+    same_series.PatientID = "SEC-SECOND"
+    same_study = small_ct(study, size=16)  # a new series in the first patient's study
+    same_study.PatientID = "SEC-SECOND"
+    for ds in (same_series, same_study):
+        assert _send(node, ds) == 0xC000
+        assert _instance_row(node, str(ds.SOPInstanceUID)) is None
+        assert not _files_named(node, str(ds.SOPInstanceUID))
+    assert _series_like(node, str(same_study.SeriesInstanceUID)) == []
+    with node.index.session(readonly=True) as session:
+        studies = session.scalars(
+            select(Study.study_instance_uid).where(
+                Study.study_instance_uid == str(same_series.StudyInstanceUID)
+            )
+        ).all()
+    assert studies == []
+    assert _wait_for_log(node, f"SeriesInstanceUID {re.escape(series)} is already stored under "
+                               "another study")
+    assert _wait_for_log(node, f"StudyInstanceUID {re.escape(study)} is already stored under "
+                               "another patient")
+    # The first patient's series goes on growing.
+    more = small_ct(study, series, 1, size=16)
+    more.PatientID = "SEC-FIRST"
+    assert _send(node, more) == 0
+    assert _instance_row(node, str(more.SOPInstanceUID)) is not None
