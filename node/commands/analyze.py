@@ -228,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
     except AnalyzeError as exc:
         print(f"ichnode analyze: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # never a traceback: one line (the details at --log-level DEBUG)
+        logger.debug("ichnode analyze failed", exc_info=True)
+        print(f"ichnode analyze: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return 2
     if args.json:
         real_stdout.write(json.dumps(document) + "\n")
     else:
