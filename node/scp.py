@@ -137,6 +137,10 @@ TRANSFER_SYNTAXES: list[str] = [
     ImplicitVRLittleEndian,
 ]
 
+#: A DIMSE command set longer than this is not one (they are a few hundred
+#: bytes): the association is aborted.
+MAX_COMMAND_SET_BYTES = 64 * 1024
+
 #: pynetdicom's association limit, set beyond reach: the node counts its own
 #: slots (``node.max_associations``, :meth:`StorageSCP._handle_requested`).
 _PYNETDICOM_MAX_ASSOCIATIONS = 1 << 20
@@ -526,6 +530,19 @@ class _BoundedDIMSE(DIMSEServiceProvider):
         super().receive_primitive(primitive)
         message = self.message
         if message is None:  # complete (or no message yet)
+            return
+        command_bytes = message.encoded_command_set.tell()
+        if command_bytes > MAX_COMMAND_SET_BYTES:
+            # A command set is a few hundred bytes; fragments without end would
+            # grow this buffer for ever. Abort as pynetdicom does for an
+            # invalid DIMSE message (this runs in the DUL thread).
+            logger.warning(
+                "peer %s: command set passed %d bytes without its last fragment: aborting",
+                self.assoc.requestor.address,
+                MAX_COMMAND_SET_BYTES,
+            )
+            self.message = None
+            self.dul.event_queue.put("Evt19")
             return
         data_set = message.data_set
         if isinstance(data_set, OversizeDataSet) or not isinstance(data_set, BytesIO):

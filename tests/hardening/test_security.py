@@ -259,6 +259,25 @@ def test_deflated_instance_that_inflates_over_the_limit_is_refused(node: NodeRun
     assert _wait_for_log(node, r"inflates to more than \d+ bytes, over node\.max_instance_mb")
 
 
+def test_command_set_without_end_is_aborted(node: NodeRunner) -> None:
+    """Command fragments that never say "last" would grow a buffer for ever: aborted."""
+    raw = RawAssociation(node.port, timeout=10)
+    raw.associate()
+    started = time.monotonic()
+    try:
+        for _ in range(4):
+            raw.send(pdata(1, b"\x00" * (1024 * 1024), command=True, last=False))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # aborted while still sending
+    assert raw.closed_by_peer()
+    assert time.monotonic() - started < 8
+    raw.close()
+    assert _wait_for_log(node, r"command set passed \d+ bytes without its last fragment")
+    raw = _associated(node)
+    _good_instance_is_stored(node, raw, 1)
+    raw.release()
+
+
 def test_instance_just_under_the_size_limit_is_stored(node: NodeRunner) -> None:
     ds = small_ct(size=16)
     block = ds.private_block(0x0009, "ICHNODE TEST", create=True)
