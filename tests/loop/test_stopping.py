@@ -27,13 +27,14 @@ STOP_WITHIN = SCP_GRACE + WORKER_GRACE + 15.0
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeRunner]:
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeRunner]:
+    grace = getattr(request, "param", WORKER_GRACE)  # jobs.stop_grace_seconds
     runner = NodeRunner(
         tmp_path / "node",
         [],
         quiet_seconds=1.0,
         new_session=True,
-        extra_toml=f"[jobs]\nstop_grace_seconds = {WORKER_GRACE}\n",
+        extra_toml=f"[jobs]\nstop_grace_seconds = {grace}\n",
     )
     text = runner.config_path.read_text()
     runner.config_path.write_text(
@@ -94,3 +95,40 @@ def test_sigterm_after_a_worker_was_sigkilled(node: NodeRunner, target: str) -> 
     else:
         node.process.send_signal(signal.SIGTERM)
     _stopped_in(node, [worker])
+
+
+@pytest.mark.parametrize("node", [0.2], indirect=True, ids=["grace-0.2s"])
+def test_sigterm_to_the_group_during_a_job_then_the_job_is_done_after_restart(
+    node: NodeRunner, tmp_path: Path
+) -> None:
+    """A job longer than the grace period: its worker is killed, the job kept for later."""
+    from tests.hardening.loadutil import storescu
+    from tests.loop.conftest import make_study
+
+    study = make_study(tmp_path / "study", 301, ("epidural",), n_slices=80)
+    run = storescu(node.port, study.files, called=node.ae_title)
+    assert run.returncode == 0, run.stderr
+
+    def running() -> bool:
+        jobs = node.jobs(study.series_instance_uid)
+        return bool(jobs) and jobs[0].state.value == "running"
+
+    wait_for("the job to run", running, 120, interval=0.05)
+    workers = node.worker_pids()
+    node.signal_group(signal.SIGTERM)
+    _stopped_in(node, workers)
+    (job,) = node.jobs(study.series_instance_uid)
+    if job.state.value == "done":
+        pytest.skip("the job finished within the grace period; nothing left to take up")
+    assert job.state.value == "running"  # killed after the grace period, not finished
+    node.start()
+
+    def done() -> bool:
+        (job,) = node.jobs(study.series_instance_uid)
+        return job.state.value == "done"
+
+    wait_for("the job to be taken up and done after the restart", done, 240)
+    (job,) = node.jobs(study.series_instance_uid)
+    assert job.attempts == 2
+    row = node.series(study.series_instance_uid)
+    assert row is not None and row.status.value == "done"
