@@ -38,8 +38,8 @@ Only associations hold one of the ``node.max_associations`` slots, from their
 A-ASSOCIATE-RQ until they end (:meth:`StorageSCP._handle_requested`): a
 health check, a port scan, garbage or a refused caller never holds one, and the
 thread of a connection closed before its request ends at once.
-Every value from the wire that this module, the archive, pynetdicom or pydicom
-logs goes through :class:`node.wire.EscapeWireValues` (installed by
+Every value from the wire that the node (this module, the scheduler, ...), the
+storage layer, pynetdicom or pydicom logs goes through :class:`node.wire.EscapeWireValues` (installed by
 :class:`StorageSCP`), so it stays on one printable line. The DIMSE layer lets
 any non-empty UID through (:func:`_lenient_ui`): the handler refuses a bad one
 with a status instead of pynetdicom aborting the association.
@@ -714,6 +714,8 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening (non-blocking); each association gets its own thread."""
+        # Again: the node's other components have made their loggers by now.
+        escape_wire_logs()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store, [self.archive, self.index]),

@@ -105,10 +105,11 @@ class EscapeWireValues(logging.Filter):
         return True
 
 
-#: Loggers that log values taken from the wire: the receiver, the archive, and
-#: the DICOM libraries (pynetdicom logs invalid UIDs and AE titles verbatim,
-#: pydicom invalid element values).
-WIRE_LOGGERS = ("node.scp", "storage.archive", "pynetdicom", "pydicom")
+#: Loggers that log values taken from the wire: the node's own (the receiver,
+#: the scheduler's routing reasons name a series' Modality or descriptions), the
+#: storage layer, and the DICOM libraries (pynetdicom logs invalid UIDs
+#: verbatim, pydicom invalid element values).
+WIRE_LOGGERS = ("node", "storage", "pynetdicom", "pydicom")
 
 
 def escape_wire_logs(prefixes: tuple[str, ...] = WIRE_LOGGERS) -> None:

@@ -343,6 +343,18 @@ def test_control_characters_from_the_wire_are_logged_escaped(
     assert not any(0x80 <= b for b in node.log_path.read_bytes())
 
 
+def test_element_value_with_a_newline_is_escaped_in_the_routing_log(node: NodeRunner) -> None:
+    """The scheduler names a series' Modality when it skips it: escaped too."""
+    ds = small_ct(size=16)
+    ds.Modality = "MR\nFORGED"
+    raw = _associated(node)
+    assert raw.c_store(str(ds.SOPInstanceUID), dataset_bytes(ds)) == 0
+    raw.release()
+    lines = _wait_for_log(node, re.escape(f"series {ds.SeriesInstanceUID} skipped"), timeout=30)
+    assert len(lines) == 1 and "modality MR\\nFORGED" in lines[0], lines
+    assert not any(line.startswith("FORGED") for line in _log(node).splitlines())
+
+
 # -- 8. a SOP Instance UID re-sent under another patient or study ----------------------
 
 
