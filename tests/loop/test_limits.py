@@ -30,8 +30,10 @@ from tests.loop.helpers import ct_dataset
 pytestmark = pytest.mark.interop
 
 FEW, MANY = 20, 400
-#: Peak RSS that MANY tiny slices may add over FEW. Before the fix: ~1.5 GB.
-GROWTH_LIMIT_MB = 150
+#: Peak RSS that MANY tiny slices may add over FEW. Measured before the fix:
+#: +964 MB (analyze, 734 -> 1698 MB); after it: about +125 MB in a worker
+#: (headers, references and allocator slack), which this leaves room for.
+GROWTH_LIMIT_MB = 300
 
 
 def _tiny(n: int, folder: Path) -> tuple[str, list[Path]]:
