@@ -11,7 +11,17 @@ keyed by the job, so a job taken up again after a crash overwrites its own
 partial output and commits exactly one set of rows.
 
 A failing job is retried with backoff (``[jobs]``) and then marked
-``failed`` with the reason; a series the volume loader refuses is ``skipped``.
+``failed`` with the reason; a series the volume loader refuses, or one with
+more slices or voxels than ``jobs.max_series_slices`` / ``max_series_voxels``
+(checked before its pixel data is read), is ``skipped``. Either way the
+series gets a "not analysed" SR with the reason (``jobs.report_not_analysed``),
+delivered like any result, so silence never means "no bleed". A result object
+that cannot be built (a SEG highdicom refuses) is named with its reason in the
+SR while the others still go out.
+
+Workers share only lock-free booleans with the main process (stop, ready): a
+worker that dies at any moment, or gets the SIGTERM that systemd sends the
+whole group, can never block the main process's stop.
 """
 
 from __future__ import annotations
