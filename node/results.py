@@ -5,6 +5,12 @@ the codes (SNOMED CT, DICOM, UCUM), the new series each object goes into, what
 is copied from the source headers (sanitised first, so our objects stay valid
 when the scanner's are not), and how the node recognises its own output so it
 never analyses it. SEG and SR are built only through highdicom.
+
+Answers degrade, never vanish: :func:`build_results` builds each object on
+its own, and one that cannot be built is named with its reason in the SR
+(TEXT items of the TID 1500 Qualitative Evaluations container, read back with
+:func:`report_notes`); :func:`build_not_analysed_report` answers a series that
+could not be analysed at all.
 """
 
 from __future__ import annotations
