@@ -22,7 +22,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from storage.archive import Archive
-from storage.index import Index, InstanceMeta, MissingAttributeError
+from storage.index import Index, InstanceMeta, MissingAttributeError, UIDConflictError
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +73,19 @@ def reindex_unindexed(
             unreadable += 1
             continue
         stat = path.stat()
-        index.record_instance(
-            meta,
-            path=path,
-            size=stat.st_size,
-            calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip(),
-            received_at=dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC),
-        )
+        try:
+            index.record_instance(
+                meta,
+                path=path,
+                size=stat.st_size,
+                calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+                received_at=dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC),
+            )
+        except UIDConflictError as exc:
+            # Left on disk for a person to look at; the indexed patient's data wins.
+            logger.warning("cannot re-index %s: %s", path, exc)
+            unreadable += 1
+            continue
         reindexed += 1
     if reindexed:
         logger.warning(

@@ -109,3 +109,23 @@ def test_unreadable_or_misnamed_files_are_left_and_reported(tmp_path: Path) -> N
     assert (report.scanned, report.reindexed, report.unreadable) == (3, 1, 2)
     assert index.instance(good.SOPInstanceUID) is not None
     assert (folder / "x").parent.exists() and misnamed.exists()
+
+
+def test_a_file_that_would_join_another_patients_series_is_left_and_reported(
+    tmp_path: Path,
+) -> None:
+    archive, index = _archive_index(tmp_path)
+    first, second = ct_series(2)
+    _index(index, first, _store(archive, first))
+    # A file on disk without a row claims the same series for another patient and
+    # study (what a crash between two conflicting sends could leave).
+    second.PatientID = "OTHER-PATIENT"
+    second.StudyInstanceUID = generate_uid()
+    stored = _store(archive, second)
+
+    report = reindex_unindexed(archive, index)
+
+    assert (report.reindexed, report.unreadable) == (0, 1)
+    assert index.instance(second.SOPInstanceUID) is None
+    assert index.instance(first.SOPInstanceUID) is not None
+    assert stored.path.exists()
