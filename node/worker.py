@@ -627,6 +627,10 @@ def worker_main(
         sqlite_synchronous=settings.storage.sqlite_synchronous,
     )
     runner = JobRunner(settings, index, predictor)
+    # Series descriptions, UIDs and reasons logged here come from the wire too.
+    from node.wire import escape_wire_logs
+
+    escape_wire_logs()
     _warm_up(predictor)
     ready.value = True
     logger.info("worker %s ready", runner.claimed_by)
