@@ -19,8 +19,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: (level, width) in HU: brain, subdural, bone.
-WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
+#: The CT windows, (level, width) in HU, by name: the one table for the network
+#: input, the key images burned into SC objects and the viewer's presets.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (80.0, 200.0),
+    "bone": (600.0, 2800.0),
+}
+#: The window of the key images and of the viewer's default view.
+BRAIN_WINDOW: tuple[float, float] = WINDOW_PRESETS["brain"]
+#: (level, width) in HU: brain, subdural, bone (the network's input channels).
+WINDOWS: tuple[tuple[float, float], ...] = tuple(WINDOW_PRESETS.values())
 #: Slices on each side of the centre slice in the network input.
 NEIGHBOURS = 1
 

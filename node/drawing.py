@@ -11,11 +11,16 @@ import logging
 
 import numpy as np
 
+from inference import windows
+
 logger = logging.getLogger(__name__)
 
-BRAIN_WINDOW: tuple[float, float] = (40.0, 80.0)  # level, width (HU)
+# The CT windows are those of the network input and the viewer (inference.windows).
+BRAIN_WINDOW: tuple[float, float] = windows.BRAIN_WINDOW
 
-# One outline colour per subtype, in ``inference.findings.SUBTYPES`` order.
+#: One colour per subtype (RGB), in ``inference.findings.SUBTYPES`` order: the one
+#: table for the outlines burned into key images and the viewer's overlays and
+#: plots (``ui.render`` takes it from :mod:`node.results`).
 SUBTYPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "intraparenchymal": (255, 40, 40),
     "intraventricular": (40, 160, 255),
@@ -26,10 +31,14 @@ SUBTYPE_COLOURS: dict[str, tuple[int, int, int]] = {
 
 
 def window_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Map HU values through a linear window to uint8 grey levels."""
+    """Map HU values through a linear window to uint8 grey levels.
+
+    The same mapping as the viewer's ``ui.render.apply_window``, so a key image
+    and the viewer show a slice with the same grey levels.
+    """
     low = level - width / 2.0
-    scaled = (np.asarray(hu, dtype=np.float32) - low) / max(width, 1e-6)
-    return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    scaled = (np.asarray(hu, dtype=np.float32) - low) * (255.0 / max(width, 1e-6))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def grey_to_rgb(grey: np.ndarray) -> np.ndarray:

@@ -95,6 +95,8 @@ NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 # items (concept DCM 121106 "Comment") say what is missing from the answer and why.
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 NOT_ANALYSED = "not analysed"
+#: The subtype colours of the key images, for the viewer too (one table, in ``node.drawing``).
+SUBTYPE_COLOURS = drawing.SUBTYPE_COLOURS
 
 _SEX = {"M", "F", "O"}
 _DA = re.compile(r"\d{8}")

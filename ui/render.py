@@ -15,25 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inference import windows
 from inference.findings import SUBTYPES
+from node import results
 
 logger = logging.getLogger(__name__)
 
-#: Window presets (level, width) in HU, as in MODEL_NOTES.md.
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "brain": (40.0, 80.0),
-    "subdural": (80.0, 200.0),
-    "bone": (600.0, 2800.0),
-}
+#: Window presets (level, width) in HU: the network's and the key images' windows.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = windows.WINDOW_PRESETS
 
-#: One colour per subtype (RGB), chosen to stay apart from each other and from grey.
-SUBTYPE_COLOURS: dict[str, tuple[int, int, int]] = {
-    "intraparenchymal": (255, 59, 48),
-    "intraventricular": (0, 122, 255),
-    "subarachnoid": (255, 204, 0),
-    "subdural": (52, 199, 89),
-    "epidural": (175, 82, 222),
-}
+#: One colour per subtype (RGB): the key images' outline colours, so an overlay
+#: here and the key image a PACS shows use the same colour for the same finding.
+SUBTYPE_COLOURS: dict[str, tuple[int, int, int]] = results.SUBTYPE_COLOURS
 
 
 def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:

@@ -163,6 +163,6 @@ def test_point_clouds_are_capped() -> None:
 
 def test_legend_order_and_colours() -> None:
     assert legend(["subdural", "intraparenchymal"]) == [
-        ("intraparenchymal", "#ff3b30"),
-        ("subdural", "#34c759"),
+        ("intraparenchymal", "#ff2828"),
+        ("subdural", "#00e678"),
     ]
