@@ -5,11 +5,16 @@ files and folders and grouping them by series (:func:`read_series`), deciding
 whether a series can be analysed (:class:`SeriesSkipped` with a short reason),
 sorting slices along the slice normal, decoding any transfer syntax pydicom and
 its plugins can decode, and turning stored values into HU (rescale slope and
-intercept, pixel padding). It knows nothing of networking or databases.
+intercept, pixel padding). Real-world series are taken as they come: Enhanced
+CT instances are split into frames by their functional groups, localizers and
+stacks of another orientation inside a series are left out, a series sent
+twice is deduplicated; each such choice is logged. It knows nothing of
+networking or databases.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +36,7 @@ _DEFER_SIZE = 4096  # bytes: bigger values (pixel data) are read only when neede
 _OWN_MANUFACTURER = "ichnode"
 _POSITION_TOLERANCE = 0.01  # mm: closer slice positions are duplicates
 _ORIENTATION_TOLERANCE = 1e-3
+_SPACING_TOLERANCE = 1e-4  # relative: closer pixel spacings are the same spacing
 
 
 class SeriesSkipped(Exception):
@@ -135,6 +141,8 @@ def _float(ds: Dataset, keyword: str, default: float) -> float:
 
 def _has_pixels(ds: Dataset) -> bool:
     """Whether ``ds`` holds pixel data, or came from a file read without it."""
+    if isinstance(ds, _Frame):
+        return ds.has_pixels
     return PIXEL_DATA in ds or getattr(ds, "filename", None) is not None and _file_has_pixels(ds)
 
 
@@ -147,6 +155,133 @@ def _file_has_pixels(ds: Dataset) -> bool:
     except (OSError, InvalidDicomError, EOFError, ValueError):
         return False
     return PIXEL_DATA in full
+
+
+class _Frame(Dataset):
+    """One frame of a multi-frame CT image (Enhanced CT), as a single-frame header.
+
+    The source's attributes with its shared and per-frame functional groups
+    flattened in (PixelSpacing, ImageOrientationPatient, ImagePositionPatient,
+    RescaleSlope/Intercept ...); ``source`` and ``frame_index`` say where the
+    pixels are. SOPInstanceUID is the source's: every frame is part of it.
+    """
+
+    source: Dataset
+    frame_index: int
+    has_pixels: bool
+
+
+_FRAME_LEVEL = {
+    PIXEL_DATA,
+    0x00280008,  # NumberOfFrames
+    0x52009229,  # SharedFunctionalGroupsSequence
+    0x52009230,  # PerFrameFunctionalGroupsSequence
+}
+
+
+def _frames(ds: Dataset) -> list[Dataset]:
+    """``ds`` itself, or one :class:`_Frame` per frame of a multi-frame image."""
+    try:
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return [ds]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if count <= 1 or per_frame is None or len(per_frame) != count:
+        return [ds]  # not multi-frame, or not one ichnode can split (said by _check_series)
+    shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    has_pixels = _has_pixels(ds)
+    top = [elem for elem in ds if elem.tag not in _FRAME_LEVEL]
+    frames: list[Dataset] = []
+    for index, item in enumerate(per_frame):
+        frame = _Frame()
+        for elem in top:
+            frame.add(copy.copy(elem))  # a frame's header may be changed, not the source's
+        for groups in (shared[0], item):  # per-frame values override shared ones
+            for group in groups:
+                if group.VR == "SQ" and group.value:
+                    for elem in group.value[0]:
+                        if elem.VR != "SQ":
+                            frame.add(elem)
+        frame.source = ds
+        frame.frame_index = index
+        frame.has_pixels = has_pixels
+        frame.filename = getattr(ds, "filename", None)
+        frames.append(frame)
+    return frames
+
+
+def source_frame(ds: Dataset) -> tuple[Dataset, int] | None:
+    """For a slice of :attr:`Volume.datasets` that is one frame of a multi-frame
+    image (Enhanced CT): the multi-frame dataset and the frame's 0-based index;
+    None for a single-frame image. Result objects reference that frame of that
+    instance (ReferencedFrameNumber is the index + 1)."""
+    if isinstance(ds, _Frame):
+        return ds.source, ds.frame_index
+    return None
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
+def _main_stack(datasets: list[Dataset]) -> list[Dataset]:
+    """The images of the one stack to analyse when a series holds more than one.
+
+    Localizers inside an axial series are left out. Stacks of different
+    orientation (a gantry-tilted and an untilted reconstruction) leave the one
+    with the most slices, on a tie the most axial (normal closest to the
+    patient's z axis); when no stack has two slices or two stacks rank equal,
+    all are returned and :func:`_check_series` says "mixed image orientations".
+    Each choice is logged.
+    """
+    series_instance_uid = datasets[0].get("SeriesInstanceUID", "?") if datasets else "?"
+    localizers = [_is_localizer(ds) for ds in datasets]
+    if any(localizers) and not all(localizers):
+        logger.warning(
+            "series %s: left out %d localizer image(s) inside the series",
+            series_instance_uid,
+            sum(localizers),
+        )
+        datasets = [ds for ds, scout in zip(datasets, localizers, strict=True) if not scout]
+    orientations = [_floats(ds, "ImageOrientationPatient", 6) for ds in datasets]
+    if len(datasets) < 2 or any(o is None for o in orientations):
+        return datasets
+    references: list[tuple[float, ...]] = []
+    stacks: list[list[int]] = []
+    known = [o for o in orientations if o is not None]  # all of them, checked above
+    for i, orientation in enumerate(known):
+        for reference, members in zip(references, stacks, strict=True):
+            if np.abs(np.subtract(orientation, reference)).max() <= _ORIENTATION_TOLERANCE:
+                members.append(i)
+                break
+        else:
+            references.append(orientation)
+            stacks.append([i])
+    if len(stacks) == 1:
+        return datasets
+    normals = [_normal(r) for r in references]
+    ranks = [
+        (len(members), round(abs(float(n[2])), 6))
+        for members, n in zip(stacks, normals, strict=True)
+    ]
+    order = sorted(range(len(stacks)), key=lambda j: ranks[j], reverse=True)
+    best = order[0]
+    if ranks[best][0] < 2 or ranks[order[1]] == ranks[best]:
+        return datasets
+    n = normals[best]
+    logger.warning(
+        "series %s: %d stacks with different orientations (%s slices); analysing the "
+        "%d-slice stack with normal (%.3f, %.3f, %.3f), leaving out %d images",
+        series_instance_uid,
+        len(stacks),
+        ", ".join(str(len(m)) for m in stacks),
+        len(stacks[best]),
+        float(n[0]),
+        float(n[1]),
+        float(n[2]),
+        len(datasets) - len(stacks[best]),
+    )
+    return [datasets[i] for i in sorted(stacks[best])]
 
 
 def _check_series(datasets: Sequence[Dataset]) -> None:
@@ -169,7 +304,8 @@ def _check_series(datasets: Sequence[Dataset]) -> None:
     if len(series) > 1:
         raise SeriesSkipped(f"datasets from {len(series)} series")
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-        raise SeriesSkipped("multi-frame images")
+        # _frames splits those with per-frame functional groups (Enhanced CT)
+        raise SeriesSkipped("multi-frame images without per-frame functional groups")
     missing = sum(not _has_pixels(ds) for ds in datasets)
     if missing:
         raise SeriesSkipped(f"no pixel data in {missing} of {len(datasets)} instances")
@@ -178,16 +314,30 @@ def _check_series(datasets: Sequence[Dataset]) -> None:
     sizes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in datasets}
     if len(sizes) > 1:
         raise SeriesSkipped(f"mixed matrix sizes {sorted(sizes)}")
-    if _floats(first, "PixelSpacing", 2) is None:
+    spacing = _floats(first, "PixelSpacing", 2)
+    if spacing is None:
         raise SeriesSkipped("no PixelSpacing")
-    spacings = {_floats(ds, "PixelSpacing", 2) for ds in datasets}
-    if len(spacings) > 1:
-        raise SeriesSkipped("mixed pixel spacing")
+    spacings = [_floats(ds, "PixelSpacing", 2) for ds in datasets]
+    absent = sum(s is None for s in spacings)
+    if absent:
+        raise SeriesSkipped(f"no PixelSpacing in {absent} of {len(datasets)} instances")
+    # The same spacing is written with different precision by some scanners
+    # (0.48828125 and 0.488281): equal within _SPACING_TOLERANCE is one spacing.
+    limit = _SPACING_TOLERANCE * max(spacing)
+    if any(np.abs(np.asarray(s) - spacing).max() > limit for s in spacings):
+        found = sorted({round(v, 4) for s in spacings if s is not None for v in s})
+        text = ", ".join(f"{v:g}" for v in found)
+        raise SeriesSkipped(f"mixed pixel spacing ({text} mm)")
     if len(datasets) > 1:
         orientations = [_floats(ds, "ImageOrientationPatient", 6) for ds in datasets]
         positions = [_floats(ds, "ImagePositionPatient", 3) for ds in datasets]
-        if any(o is None for o in orientations) or any(p is None for p in positions):
-            raise SeriesSkipped("missing ImageOrientationPatient or ImagePositionPatient")
+        for keyword, values in (
+            ("ImageOrientationPatient", orientations),
+            ("ImagePositionPatient", positions),
+        ):
+            absent = sum(v is None for v in values)
+            if absent:
+                raise SeriesSkipped(f"no {keyword} in {absent} of {len(datasets)} instances")
         ref = np.asarray(orientations[0])
         if any(np.abs(np.asarray(o) - ref).max() > _ORIENTATION_TOLERANCE for o in orientations):
             raise SeriesSkipped("mixed image orientations")
@@ -197,9 +347,14 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
     """Stored values of one frame, decoded; read from the file when deferred or absent."""
     from pydicom.pixels import pixel_array
 
+    index = None
+    if isinstance(ds, _Frame):
+        ds, index = ds.source, ds.frame_index
     raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
     deferred = isinstance(raw, RawDataElement) and raw.value is None
     try:
+        if index is not None:
+            return _frame_pixels(ds, index, deferred or raw is None)
         if (raw is None or deferred) and getattr(ds, "filename", None):
             # Decode straight from the file: the dataset never caches the pixel bytes.
             return np.asarray(pixel_array(ds.filename))
@@ -209,6 +364,18 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, EOFError) as exc:
         uid = ds.get("SOPInstanceUID", "?")
         raise SeriesSkipped(f"pixel data of {uid} cannot be decoded: {exc}") from exc
+
+
+def _frame_pixels(ds: Dataset, index: int, from_file: bool) -> np.ndarray:
+    """Stored values of frame ``index`` of a multi-frame image, decoding that frame only."""
+    from pydicom.pixels import get_decoder, pixel_array
+
+    if from_file and getattr(ds, "filename", None):
+        return np.asarray(pixel_array(ds.filename, index=index))
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        ds = _with_native_syntax(ds)
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    return np.asarray(decoder.as_array(ds, index=index)[0])
 
 
 def _with_native_syntax(ds: Dataset) -> Dataset:
@@ -248,6 +415,22 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return np.asarray((stored >= lo) & (stored <= hi))
 
 
+def _decode_hu(ds: Dataset, out: np.ndarray) -> None:
+    """Decode one slice into ``out`` in HU: rescale, then padded pixels to air."""
+    stored = _stored_pixels(ds)
+    if stored.shape != out.shape:
+        raise SeriesSkipped(
+            f"pixel data of {ds.get('SOPInstanceUID', '?')} has shape {stored.shape}"
+        )
+    slope = _float(ds, "RescaleSlope", 1.0)
+    intercept = _float(ds, "RescaleIntercept", 0.0)
+    np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
+    out += np.float32(intercept)
+    padded = _padding_mask(ds, stored)
+    if padded is not None:
+        out[padded] = AIR_HU
+
+
 def load_volume(datasets: Sequence[Dataset], limits: SeriesLimits | None = None) -> Volume:
     """Build the volume of one series.
 
@@ -264,21 +447,31 @@ def load_volume(datasets: Sequence[Dataset], limits: SeriesLimits | None = None)
     Volume
         Slices sorted by position along the normal of ImageOrientationPatient
         (not by InstanceNumber), values in HU; padded pixels become -1024.
+        A multi-frame image with per-frame functional groups (Enhanced CT)
+        gives one slice per frame (see :func:`source_frame`). Localizers inside
+        the series and stacks of another orientation are left out (the stack
+        with the most slices, on a tie the most axial, is kept); instances at
+        the same position with the same pixels (a series sent twice) are kept
+        once. Pixel spacings equal to 1e-4 (relative) are one spacing.
 
     Raises
     ------
     SeriesSkipped
-        Not CT, ichnode's own output, a localizer, no pixel data, mixed matrix
-        sizes, pixel spacing or orientations, duplicate slice positions, pixel
-        data that cannot be decoded, or more slices or voxels than ``limits``.
+        Not CT, ichnode's own output, only localizers, no pixel data, mixed
+        matrix sizes, pixel spacing or orientations (no one main stack), no
+        ImagePositionPatient on some slices, different images at one slice
+        position, pixel data that cannot be decoded, or more slices or voxels
+        than ``limits``.
     """
-    datasets = list(datasets)
+    datasets = [frame for ds in datasets for frame in _frames(ds)]
     if limits is not None and datasets:
         limits.check(
             len(datasets),
             int(datasets[0].get("Rows", 0) or 0),
             int(datasets[0].get("Columns", 0) or 0),
         )
+    if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) == 1:
+        datasets = _main_stack(datasets)  # several series are refused by _check_series
     _check_series(datasets)
     first = datasets[0]
     orientation = _floats(first, "ImageOrientationPatient", 6)
@@ -293,10 +486,13 @@ def load_volume(datasets: Sequence[Dataset], limits: SeriesLimits | None = None)
     order = np.argsort(along, kind="stable")
     along = along[order]
     ordered = [datasets[i] for i in order]
+    # A series sent again with new SOP Instance UIDs has two instances per position:
+    # one of each is kept when their pixels agree (checked while decoding below).
+    duplicate = np.concatenate([[False], np.diff(along) < _POSITION_TOLERANCE])
+    slot = np.cumsum(~duplicate) - 1  # the volume slice each instance belongs to
+    along = along[~duplicate]
+    kept = [ds for ds, dup in zip(ordered, duplicate, strict=True) if not dup]
     steps = np.diff(along)
-    if steps.size and float(steps.min()) < _POSITION_TOLERANCE:
-        count = int((steps < _POSITION_TOLERANCE).sum())
-        raise SeriesSkipped(f"duplicate slice positions ({count})")
     if steps.size:
         dz = float(np.median(steps))
     else:
@@ -305,20 +501,28 @@ def load_volume(datasets: Sequence[Dataset], limits: SeriesLimits | None = None)
     row_spacing, col_spacing = _floats(first, "PixelSpacing", 2) or (1.0, 1.0)
 
     rows, cols = int(first.Rows), int(first.Columns)
-    hu = np.empty((len(ordered), rows, cols), dtype=np.float32)
-    for k, ds in enumerate(ordered):
-        stored = _stored_pixels(ds)
-        if stored.shape != (rows, cols):
-            raise SeriesSkipped(
-                f"pixel data of {ds.get('SOPInstanceUID', '?')} has shape {stored.shape}"
-            )
-        slope = _float(ds, "RescaleSlope", 1.0)
-        intercept = _float(ds, "RescaleIntercept", 0.0)
-        np.multiply(stored, np.float32(slope), out=hu[k], casting="unsafe")
-        hu[k] += np.float32(intercept)
-        padded = _padding_mask(ds, stored)
-        if padded is not None:
-            hu[k][padded] = AIR_HU
+    hu = np.empty((len(kept), rows, cols), dtype=np.float32)
+    spare = np.empty((rows, cols), dtype=np.float32)  # a duplicate, to compare
+    conflicts = set()
+    for ds, k, dup in zip(ordered, slot, duplicate, strict=True):
+        if not dup:
+            _decode_hu(ds, hu[k])
+            continue
+        _decode_hu(ds, spare)
+        if not np.array_equal(spare, hu[k]):
+            conflicts.add(int(k))
+    if conflicts:
+        raise SeriesSkipped(
+            f"different images at {len(conflicts)} of {len(kept)} slice positions "
+            "(more than one reconstruction in one series)"
+        )
+    if duplicate.any():
+        logger.warning(
+            "series %s: dropped %d duplicate instances (same position and pixels as another, "
+            "e.g. the series sent again with new SOP Instance UIDs)",
+            first.get("SeriesInstanceUID", "?"),
+            int(duplicate.sum()),
+        )
     if steps.size and float(steps.max() - steps.min()) > 0.01 * dz + 1e-3:
         logger.info(
             "series %s has variable slice spacing %.3f-%.3f mm",
@@ -334,8 +538,8 @@ def load_volume(datasets: Sequence[Dataset], limits: SeriesLimits | None = None)
         slice_positions=along,
         image_orientation=tuple(float(v) for v in orientation),
         origin=(float(origin[0]), float(origin[1]), float(origin[2])),
-        sop_instance_uids=[str(ds.get("SOPInstanceUID", "")) for ds in ordered],
-        datasets=ordered,
+        sop_instance_uids=[str(ds.get("SOPInstanceUID", "")) for ds in kept],
+        datasets=kept,
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(frame_uid) if frame_uid else None,

@@ -229,9 +229,12 @@ def test_skip_reasons(case: PhantomCase, tmp_path: Path) -> None:
     sc = _datasets(case, tmp_path / "sc", overrides={"Manufacturer": "ichnode", "Modality": "OT"})
     assert _reason(sc) == "ichnode's own output"
 
+    # Stacks of different orientation that rank equal (as many slices, as axial): no main one.
     mixed = _datasets(case, tmp_path / "orient")
-    mixed[3].ImageOrientationPatient = [1, 0, 0, 0, 0.9, 0.43589]
+    for ds in mixed[4:]:
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
     assert _reason(mixed) == "mixed image orientations"
+    assert _reason(mixed[3:5]) == "mixed image orientations"
 
     small = generate_case(17, n_slices=1, matrix=32, slice_thickness=3.0)
     base = _datasets(case, tmp_path / "matrix")
@@ -250,13 +253,51 @@ def test_skip_reasons(case: PhantomCase, tmp_path: Path) -> None:
         ds.filename = None
     assert _reason(bare) == f"no pixel data in {N_SLICES} of {N_SLICES} instances"
 
+    # Two instances at one position with different pixels: two reconstructions in one series.
     dup = _datasets(case, tmp_path / "dup")
     twin = pydicom.dcmread(write_series(case, tmp_path / "dup2")[0])
     twin.SOPInstanceUID = pydicom.uid.generate_uid()
     twin.SeriesInstanceUID = dup[0].SeriesInstanceUID
-    assert _reason([*dup, twin]) == "duplicate slice positions (1)"
+    twin.RescaleIntercept = -1  # one HU off everywhere
+    assert _reason([*dup, twin]) == (
+        f"different images at 1 of {N_SLICES} slice positions "
+        "(more than one reconstruction in one series)"
+    )
 
     assert _reason([]) == "no images"
+
+
+def test_duplicate_instances_with_the_same_pixels_are_dropped(
+    case: PhantomCase, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Expected: a series sent twice with new SOP Instance UIDs gives one slice per
+    position (the first instance given), and a warning names the count dropped."""
+    first = _datasets(case, tmp_path / "first")
+    again = _datasets(case, tmp_path / "again")
+    for ds in again:
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    with caplog.at_level("WARNING", logger="inference.volume"):
+        volume = load_volume([*first, *again[::-1]])
+    assert volume.sop_instance_uids == [str(ds.SOPInstanceUID) for ds in first]
+    assert float(np.abs(volume.hu - case.hu).max()) <= 0.501
+    assert np.allclose(np.diff(volume.slice_positions), case.spacing[0], atol=1e-3)
+    assert f"dropped {N_SLICES} duplicate instances" in caplog.text
+
+
+def test_one_slice_of_another_orientation_is_left_out(
+    case: PhantomCase, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Expected: an axial series with one oblique image (a reformat sent into the
+    series) is analysed without it; the warning says which stack was kept."""
+    datasets = _datasets(case, tmp_path)
+    datasets[3].ImageOrientationPatient = [1, 0, 0, 0, 0.9, 0.43589]
+    with caplog.at_level("WARNING", logger="inference.volume"):
+        volume = load_volume(datasets)
+    kept = [ds for k, ds in enumerate(datasets) if k != 3]
+    assert volume.sop_instance_uids == [str(ds.SOPInstanceUID) for ds in kept]
+    assert float(np.abs(volume.hu - np.delete(case.hu, 3, axis=0)).max()) <= 0.501
+    assert "2 stacks with different orientations (7, 1 slices)" in caplog.text
+    assert "leaving out 1 images" in caplog.text
 
 
 def test_real_plain_series() -> None:
