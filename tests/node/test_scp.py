@@ -447,38 +447,3 @@ def test_wire_filter_escapes_arguments_messages_and_exception_text() -> None:
     assert text.splitlines()[-1] == "ValueError: bad '1.2\\nFORGED \\xe9'"
     assert not any(line.startswith("FORGED") for line in text.splitlines())
 
-
-def test_pynetdicom_internals_the_receiver_relies_on_are_there() -> None:
-    """Fails when a pynetdicom upgrade changes what node/scp.py reaches into.
-
-    The size limit swaps the class of ``assoc.dimse`` and replaces
-    ``DIMSEMessage.data_set``; the slot count reads the DUL state machine,
-    the DUL's user queue and ``requestor.primitive``; long UIDs reach the
-    handler through ``_config.VALIDATORS["UI"]``.
-    """
-    import inspect
-    from io import BytesIO
-
-    from pynetdicom import _config
-    from pynetdicom.association import Association, ServiceUser
-    from pynetdicom.dimse import DIMSEServiceProvider
-    from pynetdicom.dimse_messages import DIMSEMessage
-    from pynetdicom.dul import DULServiceProvider
-    from pynetdicom.transport import RequestHandler
-
-    assert list(inspect.signature(DIMSEServiceProvider.receive_primitive).parameters) == [
-        "self",
-        "primitive",
-    ]
-    assert "self.message.data_set" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
-    assert isinstance(DIMSEMessage().data_set, BytesIO)
-    assert "self.data_set" in inspect.getsource(DIMSEMessage.decode_msg)
-    assert "to_user_queue" in inspect.getsource(DULServiceProvider.receive_pdu)
-    assert "current_state" in inspect.getsource(DULServiceProvider.stop_dul)
-    assert "self.dimse: DIMSEServiceProvider" in inspect.getsource(Association.__init__)
-    assert "self.primitive" in inspect.getsource(ServiceUser.__init__)
-    assert "AssociationSocket(" in inspect.getsource(RequestHandler._create_association)
-    assert callable(_config.VALIDATORS["UI"])
-    run_reactor = inspect.getsource(Association.run_reactor)
-    # A None from the user queue ends an acceptor that waits for its request.
-    assert "if primitive is None:" in run_reactor and "EVT_REQUESTED" in run_reactor
