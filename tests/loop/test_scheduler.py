@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -189,27 +188,40 @@ def _queue_jobs(index: Index, tmp_path: Path, count: int) -> None:
             session.add(Job(series_id=series_id, state=JobState.QUEUED, attempts=0))
 
 
-def _claim_all(url: str, out: str, start: Any) -> None:
+#: Jobs queued for the two claimers; each claims in as many rounds as there are
+#: jobs for it.
+CLAIM_JOBS = 60
+
+
+def _claim_all(url: str, out: str, rounds: int, start: Any) -> None:
     index = Index(url)
     claimed = []
-    start.wait(60)  # both processes claim from the same moment on: the race is real
-    while True:
+    # Round after round, both processes call claim_job at the same moment (the
+    # barrier): every claim races one of the other process's, never a queue the
+    # other has already drained.
+    for _ in range(rounds):
+        start.wait(60)
+        with index.session() as session:
+            job = claim_job(session, f"test:{os.getpid()}")
+        if job is not None:
+            claimed.append(job.id)
+    while True:  # whatever a lost race left behind
         with index.session() as session:
             job = claim_job(session, f"test:{os.getpid()}")
         if job is None:
             break
         claimed.append(job.id)
-        time.sleep(0.001)  # let the other process in, whatever the scheduler does
     Path(out).write_text(" ".join(map(str, claimed)))
 
 
 def test_two_workers_never_claim_the_same_job(tmp_path: Path) -> None:
     index = new_index(tmp_path)
-    _queue_jobs(index, tmp_path, 60)
+    _queue_jobs(index, tmp_path, CLAIM_JOBS)
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"claimed-{i}.txt" for i in range(2)]
     start = ctx.Barrier(2)
-    procs = [ctx.Process(target=_claim_all, args=(index.url, str(o), start)) for o in outs]
+    rounds = CLAIM_JOBS // 2
+    procs = [ctx.Process(target=_claim_all, args=(index.url, str(o), rounds, start)) for o in outs]
     for p in procs:
         p.start()
     for p in procs:
@@ -217,12 +229,12 @@ def test_two_workers_never_claim_the_same_job(tmp_path: Path) -> None:
         assert p.exitcode == 0
     claimed = [[int(x) for x in o.read_text().split()] for o in outs]
     both = claimed[0] + claimed[1]
-    assert sorted(both) == list(range(1, 61))  # every job claimed exactly once
+    assert sorted(both) == list(range(1, CLAIM_JOBS + 1))  # every job claimed exactly once
     assert len(set(both)) == len(both)
     with index.session(readonly=True) as session:
         states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         owners = set(session.scalars(select(Job.claimed_by)))
-    assert states == {JobState.RUNNING: 60}
+    assert states == {JobState.RUNNING: CLAIM_JOBS}
     assert len(owners) == 2 and min(map(len, claimed)) > 0  # both took part in the race
 
 
