@@ -210,7 +210,8 @@ def choose(oof: OutOfFold, target: float, members: np.ndarray | None = None
         auc = roc_auc(labels[idx, 0], oof.series_scores(pooling)[idx, 0])
         if best is None or auc > best[0] + 1e-9:
             best = (auc, pooling)
-    assert best is not None
+    if best is None:
+        raise ValueError("no pooling to choose from (inference.predictor.POOLINGS is empty)")
     pooling = best[1]
     scores = oof.series_scores(pooling)[idx]
     thresholds = {name: pick_threshold(labels[idx, i], scores[:, i], target)

@@ -237,7 +237,8 @@ class RsnaDataset:
         """Read one series; raise :class:`SeriesSkipped` when it cannot be analysed."""
         datasets = [pydicom.dcmread(p) for p in ref.paths]
         volume = load_volume(datasets)
-        assert ref.slice_labels_by_sop is not None
+        if ref.slice_labels_by_sop is None:
+            raise ValueError(f"series {ref.key} has no per-slice labels")
         slice_labels = np.stack([ref.slice_labels_by_sop[uid] for uid in volume.sop_instance_uids])
         return LabelledVolume(
             key=ref.key, volume=volume, series_labels=ref.series_labels, slice_labels=slice_labels

@@ -140,7 +140,11 @@ def fuse_batchnorm(model: HemorrhageNet) -> HemorrhageNet:
             block.bn2 = nn.Identity()  # type: ignore[assignment]
             if isinstance(block.shortcut, nn.Sequential):
                 conv, bn = block.shortcut[0], block.shortcut[1]
-                assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                    raise TypeError(
+                        f"a ResBlock shortcut of {type(conv).__name__} and {type(bn).__name__}"
+                        " cannot be fused (expected Conv2d and BatchNorm2d)"
+                    )
                 block.shortcut = fuse_conv_bn_eval(conv, bn)
     stem_conv, stem_bn = model.stem[0], model.stem[1]
     if isinstance(stem_conv, nn.Conv2d) and isinstance(stem_bn, nn.BatchNorm2d):

@@ -502,7 +502,8 @@ def qa_negative(seed: int, *, n_slices: int, matrix: int) -> LabelledVolume:
     from inference.datasets import LabelledVolume, phantom_volume
 
     case = phantom.generate_case(seed, n_slices=n_slices, matrix=matrix, subtypes=())
-    assert case.tissue is not None
+    if case.tissue is None:
+        raise ValueError(f"phantom case {seed} came without its tissue map")
     rng = np.random.default_rng([seed, 11])
     hu = case.hu.copy()
     inside = ~np.isin(case.tissue, [phantom.AIR, phantom.SCALP, phantom.BONE, phantom.SOFT])
@@ -581,7 +582,8 @@ def sample_slices(
             k = int(rng.integers(z))
         idx = torch.from_numpy(neighbour_index(z, neighbours)[k]).to(case.hu.device)
         hus.append(case.hu[idx])
-        assert case.cls is not None
+        if case.cls is None:
+            raise ValueError("a training case without slice labels")
         clss.append(case.cls[k])
         if case.seg is not None:
             segs.append(case.seg[:, k].float())
@@ -1037,7 +1039,8 @@ def finish(
                     {k: round(v, 4) for k, v in aucs.items()})
         if best is None or score > best[0]:
             best = (score, pooling, aucs)
-    assert best is not None
+    if best is None:
+        raise ValueError("no pooling to choose from (inference.predictor.POOLINGS is empty)")
     _, pooling, val_auc = best
     pooled = np.stack([pool_slices(p, pooling) for p in results.per_series_slices])
     thresholds = {
