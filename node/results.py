@@ -19,6 +19,7 @@ import datetime
 import logging
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -1018,23 +1019,71 @@ def _file_prefix(ds: Dataset) -> str:
     return "SR"
 
 
-def write_datasets(datasets: Sequence[Dataset], out_dir: Path) -> list[Path]:
-    """Write each dataset as a DICOM file (with file meta) into ``out_dir``; return paths.
+def result_file_name(number: int, ds: Dataset) -> str:
+    """The file name of a result object: ``<NNN>-<SEG|SR|SC>-<SOPInstanceUID>.dcm``.
 
-    Files appear atomically: written under a temporary name, fsynced, renamed.
+    ``number`` is the object's place in its set (from 1), so a listing sorts
+    the objects of one series in the order they were built: SEG, SR, key images.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return f"{number:03d}-{_file_prefix(ds)}-{ds.SOPInstanceUID}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_result_files(
+    folder: Path, datasets: Sequence[Dataset], *, replace: bool = False
+) -> list[Path]:
+    """Write result objects durably into ``folder``; return their paths.
+
+    The one writer of result objects (worker, ``ichnode analyze`` and the UI
+    upload). Files are named by :func:`result_file_name`. Each is written
+    under a temporary name in the same folder, fsynced and renamed into place,
+    and the folder is fsynced at the end: a file under its final name is
+    always complete, and a failure part way through one leaves no file under
+    that name (the temporary file is removed before the error is raised).
+
+    Parameters
+    ----------
+    folder
+        Where the files go; created when missing.
+    datasets
+        The objects, in set order (:attr:`ResultSet.objects`).
+    replace
+        Empty ``folder`` first (a worker's folder of one job, so that a job
+        taken up again after a crash keeps only its own last set).
+    """
+    folder = Path(folder)
+    if replace and folder.exists():
+        shutil.rmtree(folder)
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        _fsync_dir(folder.parent)
     paths: list[Path] = []
-    for ds in datasets:
-        path = out_dir / f"{_file_prefix(ds)}-{ds.SOPInstanceUID}.dcm"
-        tmp = path.with_name(path.name + ".part")
-        ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        paths.append(path)
+    for number, ds in enumerate(datasets, start=1):
+        final = folder / result_file_name(number, ds)
+        tmp = final.with_name(f".{final.name}.part")
+        try:
+            ds.save_as(tmp, enforce_file_format=True)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        paths.append(final)
+    _fsync_dir(folder)
     return paths
+
+
+def write_datasets(datasets: Sequence[Dataset], out_dir: Path) -> list[Path]:
+    """Write each dataset into ``out_dir`` with :func:`write_result_files`; return paths."""
+    return write_result_files(Path(out_dir), datasets)
 
 
 def write_results(

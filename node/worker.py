@@ -3,14 +3,18 @@
 Each worker is a separate process (``multiprocessing`` *spawn*) that loads the
 model once and keeps it warm. It claims a job atomically
 (:func:`node.scheduler.claim_job`), keeps a heartbeat on the row while it
-works, reads the series from the archive, runs the predictor, encodes the
-SEG/SR/SC objects, writes them durably under ``<root>/results/<job id>/`` and
+works, runs the series' archive files through the one analysis path that
+``ichnode analyze`` and the UI upload take too (:func:`node.analysis.analyse_series`:
+read, volume, predictor, SEG/SR/SC objects), writes them with the one result
+writer (:func:`node.results.write_result_files`) under
+``<root>/results/<job id>/<NNN>-<SEG|SR|SC>-<SOPInstanceUID>.dcm`` and
 then, in one transaction, records the ``results`` rows, the series finding,
 the ``deliveries`` rows of the outbox and the job's timings. The files are
 keyed by the job, so a job taken up again after a crash overwrites its own
 partial output and commits exactly one set of rows.
 
-A failing job is retried with backoff (``[jobs]``) and then marked
+A failing job (the images cannot be read, the model or the SR encoder
+raises, the disk fails) is retried with backoff (``[jobs]``) and then marked
 ``failed`` with the reason; a series the volume loader refuses, or one with
 more slices or voxels than ``jobs.max_series_slices`` / ``max_series_voxels``
 (checked before its pixel data is read), is ``skipped``. Either way the
@@ -68,7 +72,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-_DEFER_SIZE = 4096  # bytes: larger values (pixel data) stay in the file until decoded
 
 
 class JobAbandoned(Exception):
@@ -85,14 +88,6 @@ class JobOutcome:
     reason: str | None = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _kind(ds: Dataset) -> ResultKind:
     modality = str(ds.get("Modality", "")).upper()
     if modality == "SEG":
@@ -100,29 +95,6 @@ def _kind(ds: Dataset) -> ResultKind:
     if modality == "SR":
         return ResultKind.SR
     return ResultKind.SC
-
-
-def write_result_files(folder: Path, datasets: Sequence[Dataset]) -> list[Path]:
-    """Write ``datasets`` durably into ``folder`` (emptied first); return the paths.
-
-    Each file is written to a temporary name, fsynced and renamed; the folder is
-    fsynced at the end, so the files survive a crash once this returns.
-    """
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    _fsync_dir(folder.parent)
-    paths = []
-    for number, ds in enumerate(datasets, start=1):
-        final = folder / f"{number:03d}-{_kind(ds).value}-{ds.SOPInstanceUID}.dcm"
-        tmp = final.with_suffix(".tmp")
-        ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        paths.append(final)
-    _fsync_dir(folder)
-    return paths
 
 
 def destinations_for(settings: Settings, calling_aets: set[str]) -> list[str]:
@@ -261,30 +233,28 @@ class JobRunner:
         return SeriesLimits(max_slices=jobs.max_series_slices, max_voxels=jobs.max_series_voxels)
 
     def _analyse(self, job: ClaimedJob) -> JobOutcome:
-        from inference.volume import SeriesSkipped, load_volume
-        from node.results import build_results
+        from node.analysis import analyse_series
+        from node.results import write_result_files
 
         paths, calling_aets = self._series_files(job.series_id)
         if not paths:
-            raise SeriesSkipped("no instances in the archive")
-        # Bounded before anything else is read: a series of 10,000 tiny slices
-        # must not cost the worker its memory.
-        first = dcmread(paths[0], stop_before_pixels=True)
-        self.limits().check(len(paths), int(first.get("Rows", 0)), int(first.get("Columns", 0)))
-        del first
-        # Headers only: pixel data stays in the files and is decoded slice by slice
-        # into the HU volume, so memory follows the voxels, not the datasets.
-        datasets = [dcmread(p, defer_size=_DEFER_SIZE) for p in paths]
-        volume = load_volume(datasets, self.limits())
-        del datasets
+            return self._finish_skipped(job, "no instances in the archive")
+        # The one analysis path (node.analysis): the size limits are checked on the
+        # first header before any pixel data is read, and pixel data stays in the
+        # files until it is decoded slice by slice into the HU volume.
+        analysis = analyse_series([Path(p) for p in paths], self.predictor, limits=self.limits())
+        if analysis.skipped is not None:
+            return self._finish_skipped(job, analysis.skipped)
+        if analysis.failed is not None or analysis.findings is None or analysis.results is None:
+            reason = analysis.failed or "analysis produced no findings"
+            logger.error("job %s failed: %s", job.id, reason, exc_info=analysis.error)
+            return self._finish_failed(job, reason)
+        findings, built = analysis.findings, analysis.results
+        inference_seconds = analysis.inference_seconds
         started = time.perf_counter()
-        findings = self.predictor.predict(volume, explain=True)
-        inference_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        built = build_results(findings, volume.datasets, hu=volume.hu)
         objects = built.objects
-        files = write_result_files(self.results_root / str(job.id), objects)
-        encoding_seconds = time.perf_counter() - started
+        files = write_result_files(self.results_root / str(job.id), objects, replace=True)
+        encoding_seconds = analysis.encoding_seconds + time.perf_counter() - started
         destinations = destinations_for(self.settings, calling_aets)
         now = utcnow()
         with self.index.session() as session:
@@ -404,7 +374,12 @@ class JobRunner:
         Its evidence is the first readable instance of the series (pixel data
         not read): enough to place it in the right patient, study and series.
         """
-        from node.results import ResultsError, build_not_analysed_report, is_ichnode_output
+        from node.results import (
+            ResultsError,
+            build_not_analysed_report,
+            is_ichnode_output,
+            write_result_files,
+        )
 
         if not self.settings.jobs.report_not_analysed:
             return [], [], []
@@ -423,7 +398,7 @@ class JobRunner:
             return [], [], []  # never answer our own output (it would go round in circles)
         try:
             report = build_not_analysed_report([header], reason, self.predictor)
-            files = write_result_files(self.results_root / str(job.id), [report])
+            files = write_result_files(self.results_root / str(job.id), [report], replace=True)
         except (ResultsError, ValueError, TypeError, AttributeError, OSError) as exc:
             logger.error("job %s: the not-analysed report cannot be written: %s", job.id, exc)
             return [], [], []
@@ -545,22 +520,24 @@ def _warm_up(predictor: Predictor) -> None:
     import tempfile
 
     from inference.phantom import generate_case, write_series
-    from inference.volume import SeriesSkipped, load_volume
-    from node.results import ResultsError, encode_results
+    from node.analysis import analyse_series
 
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="ichnode-warmup-") as tmp:
             case = generate_case(0, n_slices=3, matrix=512, subtypes=("intraparenchymal",))
             files = write_series(case, Path(tmp))
-            volume = load_volume([dcmread(f) for f in files])
-            findings = predictor.predict(volume, explain=True)
-            encode_results(findings, volume.datasets, hu=volume.hu)
-    except (SeriesSkipped, ResultsError, RuntimeError, ValueError, OSError) as exc:
+            analysis = analyse_series(files, predictor)
+    except (RuntimeError, ValueError, OSError) as exc:
         logger.warning("warm-up failed (%s); the first job will be slower", exc)
         return
     finally:
         release_free_heap()
+    if analysis.skipped or analysis.failed:
+        logger.warning(
+            "warm-up failed (%s); the first job will be slower", analysis.skipped or analysis.failed
+        )
+        return
     logger.info("warm-up took %.1f s", time.perf_counter() - started)
 
 

@@ -2,9 +2,12 @@
 
 Files are staged in a private temporary folder (zip members extracted with
 flattened, sanitised names: nothing escapes the folder), read with
-:func:`inference.volume.read_series`, built into volumes and analysed with the
-predictor; the SEG/SR/SC objects are encoded in memory for download. Nothing
-uploaded is written to the index or sent anywhere.
+:func:`inference.volume.read_series` and analysed on the node's one analysis
+path (:mod:`node.analysis`: the ``[jobs]`` series size limits, the same skip
+reasons and result objects as the worker and ``ichnode analyze``); the SEG/SR/SC
+objects are written with the node's result writer into the private folder and
+held in memory for download. Nothing uploaded is written to the index or sent
+anywhere.
 
 An upload is bounded by :class:`UploadLimits` (``[ui]`` in the configuration):
 its expanded size, checked against the sizes a zip declares before anything is
@@ -18,9 +21,9 @@ large upload being staged or read does not hold up another user's.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
+import os
 import re
 import struct
 import time
@@ -36,8 +39,9 @@ from pydicom import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED
 
 from inference.findings import SeriesFindings
-from inference.volume import SeriesSkipped, Volume, load_volume, read_series
-from node.results import ResultsError, encode_results
+from inference.volume import SeriesLimits, Volume, read_series
+from node.analysis import SeriesAnalysis, complete_analysis, load_series
+from node.results import ResultSet, write_result_files
 from ui.series import ViewerData, from_findings
 
 if TYPE_CHECKING:
@@ -247,28 +251,31 @@ def _description(datasets: list[Dataset]) -> str:
     return " · ".join(p for p in parts if p) or "series"
 
 
-def _encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+def result_objects(built: ResultSet, folder: Path) -> dict[str, bytes]:
+    """The SEG/SR/SC objects of an analysed upload, by file name, for download.
+
+    Written with the node's one result writer into ``folder`` and read back. The
+    download names are the written names without their ``<NNN>-`` set number,
+    ``<SEG|SR|SC>-<SOPInstanceUID>.dcm``, as the viewer's download buttons (and
+    the stored series' downloads, ``ui.stored.read_outputs``) name them.
+    """
+    return {
+        path.name.split("-", 1)[1]: path.read_bytes()
+        for path in write_result_files(folder, built.objects)
+    }
 
 
-def result_objects(findings: SeriesFindings, volume: Volume) -> dict[str, bytes]:
-    """The SEG/SR/SC objects of an analysed upload, encoded, by file name."""
-    from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
+def configured_series_limits() -> SeriesLimits:
+    """The ``[jobs]`` series size limits of the UI's configuration (``ICHNODE_UI_CONFIG``)."""
+    from config import ConfigError, load_settings
+    from config.settings import JobSettings
 
-    outputs: dict[str, bytes] = {}
-    for ds in encode_results(findings, volume.datasets, hu=volume.hu):
-        sop_class_uid = str(ds.SOPClassUID)
-        kind = (
-            "SEG"
-            if sop_class_uid == SegmentationStorage
-            else "SC"
-            if sop_class_uid == SecondaryCaptureImageStorage
-            else "SR"
-        )
-        outputs[f"{kind}-{ds.SOPInstanceUID}.dcm"] = _encode(ds)
-    return outputs
+    try:
+        jobs = load_settings(os.environ.get("ICHNODE_UI_CONFIG") or None).jobs
+    except ConfigError as exc:  # the page says so when it loads the same file
+        logger.warning("upload: configuration not readable (%s); default series limits", exc)
+        jobs = JobSettings()
+    return SeriesLimits(max_slices=jobs.max_series_slices, max_voxels=jobs.max_series_voxels)
 
 
 _LONG_VRS = {
@@ -373,6 +380,7 @@ def analyse_upload(
     *,
     limits: UploadLimits | None = None,
     model_lock: AbstractContextManager[object] | None = None,
+    series_limits: SeriesLimits | None = None,
 ) -> tuple[list[UploadedSeries], list[Problem]]:
     """Stage, read, build and analyse every series of an upload.
 
@@ -389,6 +397,9 @@ def analyse_upload(
     model_lock : context manager, optional
         Held around each run of the network only (staging, reading and
         encoding the result objects happen outside it).
+    series_limits : SeriesLimits, optional
+        The ``[jobs]`` series size limits (default: those of the UI's
+        configuration); a larger series is skipped with the reason the node gives.
 
     Returns
     -------
@@ -418,29 +429,43 @@ def analyse_upload(
     if not groups:
         detail = problems[0].reason if problems else "no DICOM found"
         raise UploadError(f"none of the {len(staged.paths)} files is readable DICOM ({detail})")
-    entries: list[tuple[UploadedSeries, Volume | None]] = []
+    if series_limits is None:
+        series_limits = configured_series_limits()
+    # The one analysis path (node.analysis) of the worker and ``ichnode analyze``:
+    # the same size limits, the same skip reasons, the same result objects.
+    entries: list[tuple[UploadedSeries, SeriesAnalysis]] = []
     for series_instance_uid, datasets in groups.items():
         entry = UploadedSeries(series_instance_uid, _description(datasets), len(datasets))
-        try:
-            volume: Volume | None = load_volume(datasets)
-        except SeriesSkipped as exc:
-            entry.skipped = exc.reason
-            volume = None
+        analysis = load_series(
+            datasets, limits=series_limits, series_instance_uid=series_instance_uid
+        )
         budget.check_time()
-        entries.append((entry, volume))
-    lock = model_lock if model_lock is not None else contextlib.nullcontext()
-    for entry, volume in entries:
-        if volume is None:
+        entries.append((entry, analysis))
+    for number, (entry, analysis) in enumerate(entries, start=1):
+        analysis = complete_analysis(analysis, analyser, model_lock=model_lock)
+        volume, findings = analysis.volume, analysis.findings
+        if volume is None or findings is None:
+            entry.skipped = analysis.skipped or analysis.failed or "not analysed"
             continue
-        with lock:
-            findings = analyser.predict(volume, explain=True)
         data = from_findings(volume, findings, title=entry.description)
-        try:
-            data.outputs = result_objects(findings, volume)
-        except ResultsError as exc:
+        if analysis.results is None:
             logger.warning(
-                "upload %s: result objects not built: %s", entry.series_instance_uid, exc
+                "upload %s: result objects not built: %s",
+                entry.series_instance_uid,
+                analysis.failed,
             )
-            data.note = f"result objects could not be built: {exc}"
+            data.note = analysis.failed or "result objects could not be built"
+        else:
+            if analysis.results.missing:
+                data.note = "; ".join(m.sentence() for m in analysis.results.missing)
+            try:
+                data.outputs = result_objects(
+                    analysis.results, folder / "results" / f"{number:03d}"
+                )
+            except OSError as exc:  # the staging folder's disk: findings still shown
+                logger.warning(
+                    "upload %s: result objects not written: %s", entry.series_instance_uid, exc
+                )
+                data.note = f"result objects could not be written: {exc}"
         entry.data = data
     return [entry for entry, _ in entries], problems

@@ -2,10 +2,15 @@
 [--precision auto|fp32]``.
 
 Analyses DICOM files and folders without a database or a network: groups the
-files into series, runs the hemorrhage model on each CT series, writes the
-SEG/SR/SC objects to ``--out`` and, with ``--json``, prints exactly one JSON
-document on stdout (``{"series": [...]}``, see DESIGN.md). Logs and progress go
-to stderr only.
+files into series, runs each through the node's one analysis path
+(:func:`node.analysis.load_series` / :func:`~node.analysis.complete_analysis`,
+as the worker and the UI upload do: the same ``[jobs]`` size limits and skip
+reasons), writes the SEG/SR/SC objects to ``--out`` with the node's result
+writer (``<NNN>-<SEG|SR|SC>-<SOPInstanceUID>.dcm``, as under ``results/<job id>/``)
+and, with ``--json``, prints exactly one JSON document on stdout
+(``{"series": [...]}``, see DESIGN.md). A series that is skipped or whose
+analysis fails is listed with its reason under ``"skipped"``. Logs and progress
+go to stderr only.
 
 Exit codes: 0 when every series was analysed (series that are ichnode's own
 output are skipped and do not count against it); 1 when some input could not
@@ -27,9 +32,9 @@ from typing import Any
 
 from pydicom import Dataset
 
-logger = logging.getLogger(__name__)
+from node.analysis import OWN_OUTPUT_REASON, first_line
 
-OWN_OUTPUT_REASON = "ichnode output (SEG/SR/key images), not analysed"
+logger = logging.getLogger(__name__)
 
 
 class AnalyzeError(Exception):
@@ -37,8 +42,7 @@ class AnalyzeError(Exception):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    return first_line(exc)
 
 
 def _skipped(datasets: list[Dataset], series_instance_uid: str, reason: str) -> dict[str, Any]:
@@ -94,41 +98,26 @@ class _Analyzer:
             )
 
     def _series(self, series_instance_uid: str, datasets: list[Dataset]) -> dict[str, Any]:
-        from inference.volume import SeriesSkipped, load_volume
-        from node.results import ResultsError, build_results, is_ichnode_output, write_datasets
+        from node.analysis import complete_analysis, load_series
+        from node.results import write_result_files
 
-        if any(is_ichnode_output(ds) for ds in datasets):
-            return _skipped(datasets, series_instance_uid, OWN_OUTPUT_REASON)
-        try:
-            volume = load_volume(datasets, self.limits)
-        except SeriesSkipped as exc:
-            return _skipped(datasets, series_instance_uid, exc.reason)
-        except (ValueError, TypeError, AttributeError, KeyError, EOFError, OSError) as exc:
-            # pixel data that does not decode (truncated file, broken encapsulation)
-            logger.debug("series %s: load failed", series_instance_uid, exc_info=True)
-            return _skipped(
-                datasets, series_instance_uid, f"cannot read the images: {_first_line(exc)}"
-            )
-        logger.info(
-            "analysing series %s (%d slices)", series_instance_uid, len(volume.sop_instance_uids)
+        # The one analysis path (node.analysis) the worker and the UI upload take:
+        # a skipped or failed series is listed with its reason under "skipped".
+        analysis = load_series(
+            datasets, limits=self.limits, series_instance_uid=series_instance_uid
         )
-        predictor = self.predictor()
-        try:
-            findings = predictor.predict(volume, explain=True)
-        except ValueError as exc:  # a volume the network cannot take (e.g. a tiny matrix)
-            logger.debug("series %s: prediction failed", series_instance_uid, exc_info=True)
-            return _skipped(datasets, series_instance_uid, f"cannot analyse: {_first_line(exc)}")
+        if analysis.volume is not None and not (analysis.skipped or analysis.failed):
+            analysis = complete_analysis(analysis, self.predictor(), build=self.out_dir is not None)
+        reason = analysis.skipped or analysis.failed
+        if reason is not None or analysis.findings is None:
+            return _skipped(datasets, series_instance_uid, reason or "cannot analyse")
+        findings = analysis.findings
         outputs: list[str] = []
         missing: list[dict[str, str]] = []
-        if self.out_dir is not None:
+        if self.out_dir is not None and analysis.results is not None:
+            built = analysis.results
             try:
-                built = build_results(findings, volume.datasets, hu=volume.hu)
-            except ResultsError as exc:
-                return _skipped(
-                    datasets, series_instance_uid, f"cannot encode results: {_first_line(exc)}"
-                )
-            try:
-                paths = write_datasets(built.objects, self.out_dir)
+                paths = write_result_files(self.out_dir, built.objects)
             except OSError as exc:
                 raise AnalyzeError(
                     f"cannot write results to {self.out_dir}: {_first_line(exc)}"

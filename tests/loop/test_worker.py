@@ -16,8 +16,9 @@ from sqlalchemy import select, update
 from config.settings import Settings
 from inference.findings import CLASSES
 from inference.predictor import Predictor, make_checkpoint
+from node.results import write_result_files
 from node.scheduler import claim_job, requeue_orphans
-from node.worker import JobRunner, destinations_for, release_free_heap, write_result_files
+from node.worker import JobRunner, destinations_for, release_free_heap
 from storage.index import Index
 from storage.models import Delivery, Job, JobState, Result, Series, SeriesStatus
 from tests.loop.conftest import make_study
@@ -93,7 +94,9 @@ def test_job_results_deliveries_and_idempotent_rerun(tmp_path: Path, predictor: 
     assert job is not None and job.id == job_id and job.attempts == 1
     # a crash of an earlier attempt left partial files under the job's folder
     stale = write_result_files(
-        runner.results_root / str(job_id), [ct_dataset(generate_uid(), generate_uid())]
+        runner.results_root / str(job_id),
+        [ct_dataset(generate_uid(), generate_uid())],
+        replace=True,
     )
     outcome = runner.process(job)
     assert outcome.state == "done"

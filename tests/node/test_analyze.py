@@ -220,7 +220,7 @@ def test_mixed_inputs_give_one_document_skip_reasons_and_valid_objects(
     assert ct_entry["study_instance_uid"] == str(ct[0].StudyInstanceUID)
     assert ct_entry["hemorrhage"]["present"] is True  # threshold 0: everything present
     assert ct_entry["outputs"], "positive series must produce objects"
-    kinds = sorted(Path(p).name.split("-")[0] for p in ct_entry["outputs"])
+    kinds = sorted(Path(p).name.split("-")[1] for p in ct_entry["outputs"])
     assert "SR" in kinds
     for output in ct_entry["outputs"]:
         assert Path(output).parent == out_dir
@@ -265,7 +265,7 @@ def test_negative_series_exit_zero_and_report_only(tmp_path: Path, negative_weig
     _assert_analysed(entry, 4)
     assert entry["hemorrhage"]["present"] is False
     assert not any(sub["present"] for sub in entry["subtypes"].values())
-    assert [Path(p).name.split("-")[0] for p in entry["outputs"]] == ["SR"]
+    assert [Path(p).name.split("-")[1] for p in entry["outputs"]] == ["SR"]
 
 
 @needs_loader
@@ -416,4 +416,4 @@ def test_bundled_weights_find_no_hemorrhage_in_the_real_series(
     for entry in entries:
         assert entry["skipped"] is None, entry["skipped"]
         assert entry["hemorrhage"]["present"] is False, entry["hemorrhage"]
-        assert [Path(p).name.split("-")[0] for p in entry["outputs"]] == ["SR"]
+        assert [Path(p).name.split("-")[1] for p in entry["outputs"]] == ["SR"]

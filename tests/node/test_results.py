@@ -71,7 +71,7 @@ def test_positive_series_objects_are_valid_and_complete(
     paths = results.write_results(
         findings, datasets, tmp_path / "out", hu=hu_volume(datasets), now=FIXED_NOW
     )
-    assert sorted(p.name.split("-")[0] for p in paths) == ["SC", "SC", "SEG", "SR"]
+    assert sorted(p.name.split("-")[1] for p in paths) == ["SC", "SC", "SEG", "SR"]
     assert not list((tmp_path / "out").glob("*.part"))
     _assert_valid(paths, dciodvfy, dcmdump)
 
@@ -122,7 +122,7 @@ def test_negative_series_gives_only_a_report_stating_absence(
     datasets = make_ct_series(4, 48)
     findings = make_findings(datasets, {})
     paths = results.write_results(findings, datasets, tmp_path, now=FIXED_NOW)
-    assert [p.name.split("-")[0] for p in paths] == ["SR"]
+    assert [p.name.split("-")[1] for p in paths] == ["SR"]
     _assert_valid(paths, dciodvfy, dcmdump)
 
     sr = hd.sr.srread(paths[0])
@@ -144,7 +144,7 @@ def test_seg_round_trip_pixels_equal_masks(tmp_path: Path) -> None:
     masks = _two_subtype_masks(6, 64)
     findings = make_findings(datasets, masks)
     paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
-    seg_path = next(p for p in paths if p.name.startswith("SEG-"))
+    seg_path = next(p for p in paths if "-SEG-" in p.name)
     seg = hd.seg.segread(seg_path)
 
     assert seg.SegmentationType == "BINARY"
@@ -184,8 +184,8 @@ def test_sr_round_trip_groups_codes_volumes_and_references(tmp_path: Path) -> No
     masks = _two_subtype_masks(6, 64)
     findings = make_findings(datasets, masks)
     paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
-    seg = hd.seg.segread(next(p for p in paths if p.name.startswith("SEG-")))
-    sr = hd.sr.srread(next(p for p in paths if p.name.startswith("SR-")))
+    seg = hd.seg.segread(next(p for p in paths if "-SEG-" in p.name))
+    sr = hd.sr.srread(next(p for p in paths if "-SR-" in p.name))
     report = cast(hd.sr.MeasurementReport, sr.content)
 
     (observer,) = report.get_observer_contexts()
@@ -346,9 +346,9 @@ def test_real_series_objects_are_valid(
     mask[n // 2 - 1 : n // 2 + 2, 200:260, 220:280] = True
     findings = make_findings(datasets, {"subdural": mask})
     paths = results.write_results(findings, datasets, tmp_path, now=FIXED_NOW)
-    assert sorted(p.name.split("-")[0] for p in paths) == ["SC", "SEG", "SR"]
+    assert sorted(p.name.split("-")[1] for p in paths) == ["SC", "SEG", "SR"]
     _assert_valid(paths, dciodvfy, dcmdump)
-    seg = hd.seg.segread(next(p for p in paths if p.name.startswith("SEG-")))
+    seg = hd.seg.segread(next(p for p in paths if "-SEG-" in p.name))
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
         segment_numbers=[1],
@@ -360,7 +360,7 @@ def test_real_series_objects_are_valid(
 
     negative = make_findings(datasets, {})
     negative_paths = results.write_results(negative, datasets, tmp_path / "neg")
-    assert [p.name.split("-")[0] for p in negative_paths] == ["SR"]
+    assert [p.name.split("-")[1] for p in negative_paths] == ["SR"]
     _assert_valid(negative_paths, dciodvfy, dcmdump)
 
 
@@ -371,7 +371,7 @@ def test_single_slice_and_two_slice_series(tmp_path: Path, n_slices: int) -> Non
     mask[-1, 8:16, 8:16] = True
     findings = make_findings(datasets, {"intraparenchymal": mask})
     paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
-    seg = hd.seg.segread(next(p for p in paths if p.name.startswith("SEG-")))
+    seg = hd.seg.segread(next(p for p in paths if "-SEG-" in p.name))
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
         segment_numbers=[1],

@@ -67,13 +67,13 @@ def test_phantom_labels_round_trip_through_seg_and_sr(
     # no hu=: the key images decode the (possibly compressed) source pixels themselves
     paths = results.write_results(findings, datasets, tmp_path / "out", now=FIXED_NOW)
     found = [name for i, name in enumerate(SUBTYPES) if case.labels[i].any()]
-    assert sorted(p.name.split("-")[0] for p in paths) == sorted(
+    assert sorted(p.name.split("-")[1] for p in paths) == sorted(
         ["SEG", "SR"] + ["SC"] * len(found)
     )
     for path in paths:
         assert dciodvfy(path) == [], path.name
 
-    seg = hd.seg.segread(next(p for p in paths if p.name.startswith("SEG-")))
+    seg = hd.seg.segread(next(p for p in paths if "-SEG-" in p.name))
     numbers = {
         s.SegmentLabel.removesuffix(" hemorrhage"): int(s.SegmentNumber)
         for s in seg.SegmentSequence
@@ -88,6 +88,6 @@ def test_phantom_labels_round_trip_through_seg_and_sr(
         np.testing.assert_array_equal(
             pixels[..., k].astype(bool), case.labels[SUBTYPES.index(name)]
         )
-    report = hd.sr.srread(next(p for p in paths if p.name.startswith("SR-"))).content
+    report = hd.sr.srread(next(p for p in paths if "-SR-" in p.name)).content
     groups = report.get_volumetric_roi_measurement_groups()  # type: ignore[attr-defined]
     assert len(groups) == len(found)

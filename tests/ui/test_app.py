@@ -74,7 +74,8 @@ def test_worklist_shows_every_series_newest_first(
     assert pos["delivery"] == "archive: pending, pacs: sent"
     assert by_patient["ICH-NEG"]["finding"] == "no hemorrhage"
     assert by_patient["ICH-FAIL"]["status"] == (
-        "failed: analysis failed after 1 attempts: RuntimeError: model crashed on this series"
+        "failed: analysis failed after 1 attempts: cannot analyse: RuntimeError: "
+        "model crashed on this series"
     )
     assert by_patient["ICH-SKIP"]["status"] == "skipped: localizer (scout) images"
     assert by_patient["ICH-RECV"]["status"] == "receiving"
