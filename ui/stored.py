@@ -24,7 +24,7 @@ from pydicom.sr.codedict import codes
 from config import Settings
 from inference.findings import SUBTYPES, SubtypeFinding
 from inference.volume import SeriesSkipped, load_volume
-from node.results import SUBTYPE_CODES
+from node.results import NOT_ANALYSED, SUBTYPE_CODES, report_notes
 from storage.index import Index
 from ui.series import ViewerData, masks_from_seg
 from ui.worklist import ResultFile, StoredFinding, result_files
@@ -158,6 +158,23 @@ def read_finding(path: Path) -> StoredFinding | None:
         return None
 
 
+def not_analysed_statement(path: Path) -> str | None:
+    """The "not analysed: <reason>" statement of a node's "not analysed" SR, else None.
+
+    Such a report answers a series the node skipped or could not analyse; it
+    holds no finding, only the statement (:func:`node.results.report_notes`).
+    """
+    try:
+        ds = dcmread(path)
+    except (OSError, InvalidDicomError, ValueError) as exc:
+        logger.warning("cannot read the report %s: %s", path, exc)
+        return None
+    for note in report_notes(ds):
+        if note.startswith(NOT_ANALYSED):
+            return note
+    return None
+
+
 def _subtype_findings(finding: StoredFinding) -> dict[str, SubtypeFinding]:
     out = {}
     for name, (present, prob, ml) in finding.subtypes.items():
@@ -211,9 +228,11 @@ def load_node_series(index: Index, settings: Settings, series_instance_uid: str)
     masks: np.ndarray | None = None
     finding: StoredFinding | None = None
     if sr_files:
-        finding = read_finding(resolve_path(sr_files[0].path, settings))
+        sr_path = resolve_path(sr_files[0].path, settings)
+        finding = read_finding(sr_path)
         if finding is None:
-            note = "the stored report cannot be read"
+            # a "not analysed" SR states why instead of a finding
+            note = not_analysed_statement(sr_path) or "the stored report cannot be read"
     else:
         note = "not analysed yet"
     if seg_files:

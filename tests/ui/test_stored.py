@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import highdicom as hd
@@ -10,13 +11,24 @@ import pytest
 from pydicom import Dataset
 from sqlalchemy.exc import OperationalError
 
+from config import load_settings
 from inference.findings import SUBTYPES
 from inference.volume import load_volume, read_series
 from node.results import encode_results
-from storage.index import InstanceMeta
-from tests.ui.conftest import NodeData, make_series, truth_findings, write_config
+from node.worker import JobRunner
+from storage.archive import Archive
+from storage.index import Index, InstanceMeta
+from tests.ui.conftest import (
+    GroundTruth,
+    NodeData,
+    make_series,
+    queue,
+    store,
+    truth_findings,
+    write_config,
+)
 from ui.series import masks_from_seg
-from ui.stored import finding_from_sr, load_node_series
+from ui.stored import finding_from_sr, load_node_series, not_analysed_statement, read_finding
 from ui.worklist import IndexUnavailable, open_index, read_only_url
 
 
@@ -96,6 +108,48 @@ def test_node_series_with_its_stored_findings(node_data: NodeData) -> None:
         assert waiting.masks is None and waiting.n_slices == 4
     finally:
         index.dispose()
+
+
+@dataclass
+class CrashingModel(GroundTruth):
+    """A model that raises on the series named in ``fail``, with the identity a
+    predictor gives the node's reports (so the worker can write its "not analysed" SR)."""
+
+    model_name: str = "ichnode-ich"
+    model_version: str = "test"
+    weights_sha256: str = ""
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+def test_not_analysed_report_shows_its_reason(tmp_path: Path) -> None:
+    """A series the worker failed on gets the node's "not analysed" SR; the viewer
+    shows its reason, not that the stored report cannot be read."""
+    settings = load_settings(write_config(tmp_path))
+    archive = Archive(settings.storage.root)
+    index = Index(settings.storage.effective_database_url, sqlite_synchronous="NORMAL")
+    index.upgrade()
+    phantom = make_series(tmp_path / "src", 21, ("epidural",), patient_id="ICH-CRASH")
+    store(archive, index, phantom.paths)
+    queue(index, phantom.series_instance_uid)
+    model = CrashingModel({phantom.series_instance_uid: phantom}, {phantom.series_instance_uid})
+    outcome = JobRunner(settings, index, model).run_one()  # type: ignore[arg-type]
+    index.dispose()
+    assert outcome is not None and outcome.state == "failed" and len(outcome.results) == 1
+    (sr_path,) = (Path(p) for p in outcome.results)
+    reason = (
+        "analysis failed after 1 attempts: cannot analyse: "
+        "RuntimeError: model crashed on this series"
+    )
+    assert read_finding(sr_path) is None  # no finding in it ...
+    assert not_analysed_statement(sr_path) == f"not analysed: {reason}"  # ... but its reason
+
+    index = open_index(settings)
+    try:
+        data = load_node_series(index, settings, phantom.series_instance_uid)
+    finally:
+        index.dispose()
+    assert data.hemorrhage is None and data.masks is None
+    assert data.note == f"not analysed: {reason}"
 
 
 def test_the_ui_cannot_write_to_the_index(node_data: NodeData) -> None:
