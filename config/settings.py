@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -243,20 +251,61 @@ class UiSettings(_Section):
 
 
 class DestinationSettings(_Section):
-    name: str = Field(min_length=1)
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    """Where result objects go: a DICOM C-STORE SCP (``kind = "dimse"``) or a STOW-RS service.
+
+    ``dimse`` needs ``ae_title``, ``host`` and ``port`` (``tls*`` for DICOM TLS).
+    ``dicomweb`` needs ``url``, the STOW-RS base (``http://host:8042/dicom-web``);
+    ``username``/``password`` give HTTP basic auth, ``token`` a bearer token;
+    HTTPS certificates are verified (``tls_verify``) against the system CAs or
+    ``tls_ca_file``.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int | None = Field(None, ge=1, le=65535)
     tls: bool = False
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    url: str = ""
+    username: str = ""
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    tls_verify: bool = True
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return validate_ae_title(value) if value.strip() else ""
+
+    @model_validator(mode="after")
+    def _kind(self) -> DestinationSettings:
+        if self.kind == "dimse":
+            if not self.ae_title:
+                raise ValueError("ae_title is required for a dimse destination")
+            if not self.host or self.port is None:
+                raise ValueError("host and port are required for a dimse destination")
+            if self.url or self.username or self.password or self.token:
+                raise ValueError("url, username, password and token are for kind = \"dicomweb\"")
+        else:
+            if not re.match(r"^https?://[^/\s]+", self.url):
+                raise ValueError(f"url {self.url!r} is not an http:// or https:// URL")
+            if self.ae_title or self.host or self.port is not None or self.tls:
+                raise ValueError(
+                    "ae_title, host, port and tls are for kind = \"dimse\"; "
+                    "a dicomweb destination has a url"
+                )
+            if bool(self.username) != (self.password is not None):
+                raise ValueError("username and password go together (HTTP basic auth)")
+            if self.token is not None and self.username:
+                raise ValueError("give either token (bearer) or username/password (basic)")
+        return self
 
     @model_validator(mode="after")
     def _tls_files(self) -> DestinationSettings:
-        if not self.tls:
+        if not self.tls and self.kind == "dimse":
             return self
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
@@ -264,6 +313,65 @@ class DestinationSettings(_Section):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{key}: {path} does not exist or is not a file")
+        return self
+
+
+NotifyOn = Literal["positive", "negative", "not_analysed"]
+
+
+def _positive_only() -> list[NotifyOn]:
+    return ["positive"]
+
+
+class NotificationSettings(_Section):
+    """A triage notification (``[[notifications]]``): a webhook or an HL7 ORU^R01 over MLLP.
+
+    ``on``: which results are notified: ``positive`` (hemorrhage found),
+    ``negative`` (analysed, none found), ``not_analysed`` (skipped or failed).
+    ``include_phi``: patient name, ID, birth date and sex go in the message
+    only when true. ``viewer_url``: a link template for the webhook's
+    ``links.viewer`` (``{study_instance_uid}``, ``{series_instance_uid}`` and
+    ``{accession_number}`` are filled in).
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["webhook", "hl7"]
+    url: str = ""
+    host: str = ""
+    port: int | None = Field(None, ge=1, le=65535)
+    on: list[NotifyOn] = Field(default_factory=_positive_only, min_length=1)
+    include_phi: bool = False
+    token: SecretStr | None = None
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
+    viewer_url: str = ""
+    sending_application: str = "ICHNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+    @model_validator(mode="after")
+    def _kind(self) -> NotificationSettings:
+        if self.kind == "webhook":
+            if not re.match(r"^https?://[^/\s]+", self.url):
+                raise ValueError(f"url {self.url!r} is not an http:// or https:// URL")
+            if self.host or self.port is not None:
+                raise ValueError("host and port are for kind = \"hl7\"; a webhook has a url")
+        else:
+            if not self.host or self.port is None:
+                raise ValueError("host and port are required for an hl7 notification")
+            if self.url or self.token is not None:
+                raise ValueError("url and token are for kind = \"webhook\"")
+        if self.tls_ca_file is not None and not Path(self.tls_ca_file).is_file():
+            raise ValueError(f"tls_ca_file: {self.tls_ca_file} does not exist or is not a file")
+        for key in (
+            "sending_application",
+            "sending_facility",
+            "receiving_application",
+            "receiving_facility",
+        ):
+            if re.search(r"[|^~\\&\r\n]", getattr(self, key)):
+                raise ValueError(f"{key} may not contain HL7 delimiters (|^~\\&)")
         return self
 
 
@@ -282,6 +390,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
+    notifications: list[NotificationSettings] = Field(default_factory=list)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
@@ -304,6 +413,14 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destinations: name {dupes[0]!r} is used twice")
+        # Deliveries and notifications share the outbox, keyed by these names.
+        taken = set(names)
+        for n in self.notifications:
+            if n.name in taken:
+                raise ValueError(
+                    f"notifications: name {n.name!r} is used twice or by a destination"
+                )
+            taken.add(n.name)
         return self
 
     @classmethod

@@ -1,9 +1,12 @@
 """The outbox sender: delivers result objects to the configured destinations.
 
 Each ``deliveries`` row is one result object towards one destination. The
-sender keeps one association per destination, sends every due delivery with
-C-STORE, checks every response status (an empty response is a timeout or an
-abort, never a success) and marks a row ``sent`` only on an acknowledgement.
+sender keeps one association per DIMSE destination, sends every due delivery
+with C-STORE, checks every response status (an empty response is a timeout or
+an abort, never a success) and marks a row ``sent`` only on an acknowledgement.
+A ``kind = "dicomweb"`` destination gets the same rows by STOW-RS
+(:mod:`node.dicomweb`): sent only when the response dataset lists the instance
+as stored.
 A failed try is retried with exponential backoff (``[delivery]``
 ``backoff_initial_seconds`` doubling up to ``backoff_max_seconds``); a delivery
 older than ``max_age_hours`` becomes ``dead`` until ``ichnode outbox retry``.
@@ -38,6 +41,7 @@ from sqlalchemy import case, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import DeliverySettings, DestinationSettings
+from node.dicomweb import DicomWebLink
 from node.tls import client_tls_args
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, Result, ResultKind
@@ -153,6 +157,7 @@ class DestinationLink:
         for abstract, syntaxes in self._contexts():
             ae.add_requested_context(abstract, syntaxes)
         dest = self.destination
+        assert dest.port is not None  # a dimse destination has one (settings validate it)
         assoc = ae.associate(
             dest.host, dest.port, ae_title=dest.ae_title, tls_args=self.tls_args
         )
@@ -257,8 +262,13 @@ class Sender:
         self.index = index
         self.delivery = delivery
         self.poll_seconds = poll_seconds
-        self.links = {
-            d.name: DestinationLink(d, calling_ae, delivery.timeout_seconds) for d in destinations
+        self.links: dict[str, DestinationLink | DicomWebLink] = {
+            d.name: (
+                DicomWebLink(d, delivery.timeout_seconds)
+                if d.kind == "dicomweb"
+                else DestinationLink(d, calling_ae, delivery.timeout_seconds)
+            )
+            for d in destinations
         }
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -340,7 +350,8 @@ class Sender:
     def send_once(self, limit: int = 200) -> SendOutcome:
         """Try every due delivery once; return what happened."""
         outcome = SendOutcome()
-        broken: set[str] = set()
+        # Destinations whose try failed for all of them in this pass, with why.
+        broken: dict[str, str] = {}
         for delivery_id, destination, path, superseded in self._due(utcnow(), limit):
             if superseded:
                 self._mark_dead(delivery_id, "result superseded by a newer analysis", outcome)
@@ -353,11 +364,17 @@ class Sender:
                 continue
             if destination in broken:
                 # Its association just failed: do not hammer it within this pass.
-                self._record(delivery_id, False, "destination unreachable", outcome)
+                error = f"destination unreachable: {broken[destination]}"
+                self._record(delivery_id, False, error, outcome)
                 continue
-            ok, error = _store(link, Path(path))
-            if not ok and link.assoc is None:
-                broken.add(destination)
+            if isinstance(link, DicomWebLink):
+                ok, error = link.store(Path(path))
+                if not ok and not link.reachable:
+                    broken[destination] = error
+            else:
+                ok, error = _store(link, Path(path))
+                if not ok and link.assoc is None:
+                    broken[destination] = error
             self._record(delivery_id, ok, error, outcome)
             if ok:
                 logger.info("delivery %s acknowledged by %s", delivery_id, destination)
@@ -367,7 +384,11 @@ class Sender:
     def _release_idle(self) -> None:
         now = time.monotonic()
         for link in self.links.values():
-            if link.assoc is not None and now - link.last_used > IDLE_RELEASE_SECONDS:
+            if (
+                isinstance(link, DestinationLink)
+                and link.assoc is not None
+                and now - link.last_used > IDLE_RELEASE_SECONDS
+            ):
                 link.release()
 
     # -- thread -----------------------------------------------------------

@@ -5,10 +5,16 @@ gives a started :class:`Orthanc` with its AE title, DICOM port, HTTP URL, small
 REST helpers and ``start``/``stop``/``restart``. Storage and index live under the
 test's temporary folder, so a restart keeps what was stored. When the Orthanc
 binary is missing the test skips (or fails with ``ICHNODE_REQUIRE_INTEROP=1``).
+
+``Orthanc(root, dicomweb=True)`` loads the DICOMweb plugin (Debian
+``orthanc-dicomweb``) and serves STOW-RS/QIDO-RS/WADO-RS under
+:attr:`Orthanc.dicomweb_url`; ``users={"name": "password"}`` turns on HTTP basic
+authentication (the REST helpers then log in as the first user).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -21,9 +27,26 @@ from typing import Any
 
 import pytest
 
-from tests.interop import free_port, require_tool
+from tests.interop import free_port, missing, require_tool
 
 logger = logging.getLogger(__name__)
+
+# Where Debian's orthanc-dicomweb puts the plugin (``dpkg -L orthanc-dicomweb``).
+DICOMWEB_PLUGIN_PATHS = (
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    Path("/usr/lib/orthanc/libOrthancDicomWeb.so"),
+)
+
+
+def dicomweb_plugin() -> Path:
+    """The DICOMweb plugin of Orthanc, or skip/fail with a clear reason."""
+    for path in DICOMWEB_PLUGIN_PATHS:
+        if path.is_file():
+            return path
+    for path in sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*")):
+        return path
+    missing("Orthanc's DICOMweb plugin not found (apt-get install orthanc-dicomweb)")
+    raise AssertionError("unreachable")
 
 
 class OrthancError(RuntimeError):
@@ -33,11 +56,23 @@ class OrthancError(RuntimeError):
 class Orthanc:
     """One Orthanc process with its own configuration, storage and log."""
 
-    def __init__(self, root: Path, *, aet: str = "ORTHANC", binary: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        aet: str = "ORTHANC",
+        binary: str | None = None,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.binary = binary or require_tool("Orthanc", "orthanc")
+        self.plugin = dicomweb_plugin() if dicomweb else None
+        self.users = dict(users or {})
+        self.extra_config = dict(extra_config or {})
         self.dicom_port = free_port()
         self.http_port = free_port()
         while self.http_port == self.dicom_port:
@@ -54,6 +89,13 @@ class Orthanc:
         """Base URL of the REST API."""
         return f"http://{self.host}:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (the STOW-RS base) of the plugin."""
+        if self.plugin is None:
+            raise OrthancError("this Orthanc was started without the DICOMweb plugin")
+        return f"{self.http_url}/dicom-web"
+
     def _write_config(self) -> None:
         config = {
             "Name": "ichnode-test-orthanc",
@@ -65,17 +107,20 @@ class Orthanc:
             "HttpServerEnabled": True,
             "DicomServerEnabled": True,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowEcho": True,
             "DicomAlwaysAllowStore": True,
             "UnknownSopClassAccepted": False,
             "DicomModalities": {},
-            "Plugins": [],
+            "Plugins": [str(self.plugin)] if self.plugin is not None else [],
+            "DicomWeb": {"Enable": self.plugin is not None, "Root": "/dicom-web/"},
             "StableAge": 1,
             "ConcurrentJobs": 1,
             "HttpThreadsCount": 4,
         }
+        config.update(self.extra_config)
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def start(self, timeout: float = 30.0) -> None:
@@ -136,6 +181,10 @@ class Orthanc:
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
         request = urllib.request.Request(self.http_url + path, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         if body is not None:
             request.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -171,9 +220,19 @@ class Orthanc:
 
 
 @contextlib.contextmanager
-def running_orthanc(root: Path, *, aet: str = "ORTHANC") -> Iterator[Orthanc]:
-    """A started Orthanc under ``root``, stopped on exit (also when the test fails)."""
-    server = Orthanc(root, aet=aet)
+def running_orthanc(
+    root: Path,
+    *,
+    aet: str = "ORTHANC",
+    dicomweb: bool = False,
+    users: dict[str, str] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Iterator[Orthanc]:
+    """A started Orthanc under ``root``, stopped on exit (also when the test fails).
+
+    ``extra_config`` keys are added to (or replace those of) Orthanc's configuration.
+    """
+    server = Orthanc(root, aet=aet, dicomweb=dicomweb, users=users, extra_config=extra_config)
     try:
         server.start()
         yield server
@@ -188,4 +247,18 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         yield server
 
 
-__all__ = ["Orthanc", "OrthancError", "orthanc", "running_orthanc"]
+@pytest.fixture
+def orthanc_dicomweb(tmp_path: Path) -> Iterator[Orthanc]:
+    """pytest fixture: a started Orthanc with its DICOMweb plugin."""
+    with running_orthanc(tmp_path / "orthanc-dicomweb", dicomweb=True) as server:
+        yield server
+
+
+__all__ = [
+    "Orthanc",
+    "OrthancError",
+    "dicomweb_plugin",
+    "orthanc",
+    "orthanc_dicomweb",
+    "running_orthanc",
+]

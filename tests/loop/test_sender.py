@@ -79,7 +79,11 @@ def _outbox(index: Index, tmp_path: Path, destinations: list[str], count: int = 
     store(index, tmp_path / "src", src, association_id=None, received_at=dt.datetime.now(dt.UTC))
     ids = []
     with index.session() as session:
-        series = session.query(Series).one()
+        series = (
+            session.query(Series)
+            .filter(Series.series_instance_uid == str(src.SeriesInstanceUID))
+            .one()
+        )
         job = Job(series_id=series.id, state=JobState.DONE, attempts=1)
         session.add(job)
         session.flush()

@@ -1,0 +1,242 @@
+"""DICOMweb destinations: the outbox sends by STOW-RS to a real Orthanc with its DICOMweb plugin.
+
+Every test runs Orthanc (Debian ``orthanc``) with the plugin of Debian
+``orthanc-dicomweb``; without them the tests skip, or fail under
+``ICHNODE_REQUIRE_INTEROP=1``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from pydicom.uid import generate_uid
+
+from config.settings import DeliverySettings, DestinationSettings, load_settings
+from node.dicomweb import DicomWebLink, _response_dataset, check_stow_response
+from node.sender import Sender
+from storage.index import Index
+from storage.models import DeliveryState, Result
+from tests.loop.helpers import new_index, sc_dataset
+from tests.loop.test_sender import _cli, _outbox, _rows
+from tests.orthanc import Orthanc, orthanc_dicomweb, running_orthanc
+
+pytestmark = pytest.mark.interop
+
+__all__ = ["orthanc_dicomweb"]  # the fixture, imported for pytest
+
+
+def _dest(url: str, **auth: str) -> DestinationSettings:
+    return DestinationSettings(name="web", kind="dicomweb", url=url, **auth)  # type: ignore[arg-type]
+
+
+def _sender(index: Index, dest: DestinationSettings, **delivery: float) -> Sender:
+    return Sender(index, [dest], DeliverySettings(**delivery), "ICHNODE")  # type: ignore[arg-type]
+
+
+def _sop_uids(index: Index) -> set[str]:
+    with index.session(readonly=True) as session:
+        return {str(r.sop_instance_uid) for r in session.query(Result).all()}
+
+
+def _orthanc_sop_uids(server: Orthanc) -> list[str]:
+    """Every SOP Instance UID Orthanc holds, once per stored instance."""
+    uids = []
+    for instance_id in server.get("/instances"):
+        tags = server.get(f"/instances/{instance_id}/simplified-tags")
+        uids.append(str(tags["SOPInstanceUID"]))
+    return uids
+
+
+def _config(tmp_path: Path, index: Index, dest_toml: str) -> Path:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[storage]\nroot = "{tmp_path}"\ndatabase_url = "{index.url}"\n'
+        f'[[destinations]]\nname = "web"\nkind = "dicomweb"\n{dest_toml}'
+    )
+    return cfg
+
+
+def test_stow_rs_stores_each_object_once(tmp_path: Path, orthanc_dicomweb: Orthanc) -> None:
+    index = new_index(tmp_path)
+    ids = _outbox(index, tmp_path, ["web"], count=3)
+    sender = _sender(index, _dest(orthanc_dicomweb.dicomweb_url))
+    outcome = sender.send_once()
+    assert sorted(outcome.sent) == sorted(ids)
+    rows = _rows(index)
+    assert all(
+        r.state == DeliveryState.SENT and r.acked_at and r.attempts == 1 and not r.last_error
+        for r in rows.values()
+    )
+    assert sorted(_orthanc_sop_uids(orthanc_dicomweb)) == sorted(_sop_uids(index))
+    # nothing is sent twice
+    assert sender.send_once().sent == []
+    sender.stop()
+    assert orthanc_dicomweb.instance_count() == 3
+    # and the destination serves them back over DICOMweb (QIDO-RS)
+    study = orthanc_dicomweb.get("/studies")
+    assert len(study) == 1
+
+
+def test_outage_delivers_everything_once_when_orthanc_is_back(
+    tmp_path: Path, orthanc_dicomweb: Orthanc
+) -> None:
+    index = new_index(tmp_path)
+    first = _outbox(index, tmp_path / "a", ["web"], count=2)
+    sender = _sender(
+        index,
+        _dest(orthanc_dicomweb.dicomweb_url),
+        backoff_initial_seconds=0.2,
+        backoff_max_seconds=0.5,
+        timeout_seconds=5,
+    )
+    assert sorted(sender.send_once().sent) == sorted(first)
+    orthanc_dicomweb.stop()
+    # results of a second series wait while the destination is down
+    waiting = _outbox(index, tmp_path / "b", ["web"], count=3)
+    outcome = sender.send_once()
+    assert sorted(outcome.retried) == sorted(waiting) and outcome.sent == []
+    rows = _rows(index)
+    for delivery_id in waiting:
+        assert rows[delivery_id].state == DeliveryState.PENDING
+        # the first try found it down; the others of the pass say so without a request
+        assert "cannot connect" in (rows[delivery_id].last_error or "")
+    assert "destination unreachable" in (rows[waiting[-1]].last_error or "")
+    time.sleep(0.3)
+    assert sorted(sender.send_once().retried) == sorted(waiting)  # still down: tried again
+    orthanc_dicomweb.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(
+        r.state != DeliveryState.SENT for r in _rows(index).values()
+    ):
+        sender.send_once()
+        time.sleep(0.1)
+    sender.stop()
+    rows = _rows(index)
+    assert {r.state for r in rows.values()} == {DeliveryState.SENT}
+    assert all(rows[i].attempts >= 3 for i in waiting)
+    # nothing lost, nothing stored twice
+    stored = _orthanc_sop_uids(orthanc_dicomweb)
+    assert sorted(stored) == sorted(_sop_uids(index))
+    assert len(stored) == 5
+
+
+def test_wrong_credentials_dead_letter_then_outbox_retry(tmp_path: Path) -> None:
+    index = new_index(tmp_path)
+    first, second = _outbox(index, tmp_path, ["web"], count=2)
+    users = {"ichnode": "right-password"}
+    with running_orthanc(tmp_path / "orthanc", dicomweb=True, users=users) as server:
+        wrong = _dest(server.dicomweb_url, username="ichnode", password="wrong")
+        # deliveries may live 0.72 s
+        sender = _sender(index, wrong, backoff_initial_seconds=0.1, max_age_hours=0.0002)
+        outcome = sender.send_once()
+        assert sorted(outcome.retried) == [first, second]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            r.state == DeliveryState.DEAD for r in _rows(index).values()
+        ):
+            sender.send_once()
+            time.sleep(0.1)
+        sender.stop()
+        rows = _rows(index)
+        assert {r.state for r in rows.values()} == {DeliveryState.DEAD}
+        for row in rows.values():
+            assert row.attempts >= 2
+            assert "HTTP 401" in (row.last_error or "")
+            assert "check username/password or token" in (row.last_error or "")
+        assert server.instance_count() == 0
+        # the operator sees why, fixes the password and retries
+        right = f'url = "{server.dicomweb_url}"\nusername = "ichnode"\npassword = "right-password"\n'
+        cfg = _config(tmp_path, index, right)
+        listed = _cli("outbox", "--config", str(cfg), "list")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.count(" dead ") == 2 and "HTTP 401" in listed.stdout
+        retried = _cli("outbox", "--config", str(cfg), "retry")
+        assert retried.returncode == 0, retried.stderr
+        fixed = load_settings(cfg).destinations[0]
+        sender = _sender(index, fixed)
+        assert sorted(sender.send_once().sent) == [first, second]
+        sender.stop()
+        assert sorted(_orthanc_sop_uids(server)) == sorted(_sop_uids(index))
+
+
+def test_wrong_url_is_a_clear_reason(tmp_path: Path, orthanc_dicomweb: Orthanc) -> None:
+    index = new_index(tmp_path)
+    (delivery_id,) = _outbox(index, tmp_path, ["web"])
+    # the REST root instead of the DICOMweb root
+    sender = _sender(index, _dest(orthanc_dicomweb.http_url + "/dicomweb"))
+    assert sender.send_once().retried == [delivery_id]
+    sender.stop()
+    error = _rows(index)[delivery_id].last_error or ""
+    assert "HTTP 404" in error and "STOW-RS base" in error, error
+    assert orthanc_dicomweb.instance_count() == 0
+
+
+_REJECT_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.SeriesDescription == 'REJECT ME' then
+    error('refused by the test filter')
+  end
+  return true
+end
+"""
+
+
+def test_instance_not_confirmed_is_retried(tmp_path: Path) -> None:
+    """Orthanc answers 200 but stores nothing: the response does not list it, so not sent."""
+    script = tmp_path / "reject.lua"
+    script.write_text(_REJECT_LUA)
+    index = new_index(tmp_path)
+    (delivery_id,) = _outbox(index, tmp_path, ["web"])
+    with index.session(readonly=True) as session:
+        path = Path(session.query(Result).one().path)
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    ds.SeriesDescription = "REJECT ME"
+    ds.save_as(path)
+    extra = {"LuaScripts": [str(script)]}
+    with running_orthanc(tmp_path / "orthanc", dicomweb=True, extra_config=extra) as server:
+        sender = _sender(index, _dest(server.dicomweb_url), backoff_initial_seconds=0.1)
+        assert sender.send_once().retried == [delivery_id]
+        sender.stop()
+        row = _rows(index)[delivery_id]
+        assert row.state == DeliveryState.PENDING
+        assert "does not list the instance as stored" in (row.last_error or "")
+        assert server.instance_count() == 0
+
+
+def test_failed_sop_sequence_of_a_real_409_is_read(
+    tmp_path: Path, orthanc_dicomweb: Orthanc
+) -> None:
+    """Orthanc's 409 answer (study UID of the URL and the instance differ) names the failure."""
+    ds = sc_dataset(generate_uid())
+    link = DicomWebLink(_dest(orthanc_dicomweb.dicomweb_url), timeout=10)
+    with pytest.raises(requests.HTTPError) as info:
+        link.client().store_instances([ds], study_instance_uid=generate_uid())
+    link.release()
+    assert info.value.response is not None and info.value.response.status_code == 409
+    body = _response_dataset(info.value.response)
+    assert body is not None and len(body.FailedSOPSequence) == 1
+    ok, reason = check_stow_response(body, str(ds.SOPInstanceUID))
+    assert not ok and "STOW-RS failed for the instance" in reason and "0x" in reason
+
+
+def test_settings_of_a_dicomweb_destination(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        '[[destinations]]\nname = "cloud"\nkind = "dicomweb"\n'
+        'url = "https://pacs.example/dicom-web"\ntoken = "abc"\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+    )
+    cloud, pacs = load_settings(cfg).destinations
+    assert cloud.kind == "dicomweb" and cloud.tls_verify and cloud.token is not None
+    assert "abc" not in repr(cloud)  # secrets stay out of logs
+    assert pacs.kind == "dimse"
+    cfg.write_text('[[destinations]]\nname = "cloud"\nkind = "dicomweb"\nhost = "x"\n')
+    from config.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="url"):
+        load_settings(cfg)
