@@ -13,9 +13,11 @@ The scheduler decides when a received series is complete and turns it into a
   file sizes and SHA-256 of the files) creates no job;
 * a series the routing rules reject is marked ``skipped`` with the reason.
 
-It also owns the queue operations shared with the worker processes: the atomic
-claim (one ``UPDATE ... RETURNING``), and taking up jobs whose worker died
-(stale heartbeat, or claimed by a process that no longer exists).
+It also owns taking up jobs whose worker died (stale heartbeat, or claimed by
+a process that no longer exists). The claim itself, one ``UPDATE ...
+RETURNING`` with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, lives in
+:mod:`storage.queue`; ``claim_job`` and ``ClaimedJob`` are re-exported here for
+the worker.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import os
 import socket
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,7 @@ from storage.models import (
     Series,
     SeriesStatus,
 )
+from storage.queue import ClaimedJob, claim_job
 
 if TYPE_CHECKING:
     from node.scp import AssociationClosed, InstanceStored
@@ -141,58 +143,7 @@ def _pid_alive(claimed_by: str | None) -> bool:
         return True
     return True
 
-
-@dataclass(frozen=True)
-class ClaimedJob:
-    """A job a worker now owns."""
-
-    id: int
-    series_id: int
-    attempts: int
-
-
-def claim_job(
-    session: Session, claimed_by: str, now: dt.datetime | None = None
-) -> ClaimedJob | None:
-    """Atomically take the oldest due queued job; None when there is none.
-
-    One ``UPDATE jobs ... WHERE id = (SELECT ... LIMIT 1) AND state = 'queued'
-    RETURNING``: two workers can never claim the same row. The caller commits
-    (``with index.session() as session``).
-    """
-    now = now or utcnow()
-    due = (
-        select(Job.id)
-        .where(
-            Job.state == JobState.QUEUED,
-            or_(Job.not_before.is_(None), Job.not_before <= now),
-        )
-        .order_by(Job.id)
-        .limit(1)
-        .scalar_subquery()
-    )
-    row = session.execute(
-        update(Job)
-        .where(Job.id == due, Job.state == JobState.QUEUED)
-        .values(
-            state=JobState.RUNNING,
-            claimed_by=claimed_by,
-            claimed_at=now,
-            heartbeat_at=now,
-            attempts=Job.attempts + 1,
-        )
-        .returning(Job.id, Job.series_id, Job.attempts)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is None:
-        return None
-    session.execute(
-        update(Series)
-        .where(Series.id == row.series_id)
-        .values(status=SeriesStatus.RUNNING, reason=None)
-        .execution_options(synchronize_session=False)
-    )
-    return ClaimedJob(id=int(row.id), series_id=int(row.series_id), attempts=int(row.attempts))
+__all__ = ["ClaimedJob", "Scheduler", "claim_job", "requeue_orphans"]
 
 
 def requeue_orphans(

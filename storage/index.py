@@ -28,6 +28,18 @@ several milliseconds of CPU per instance. Write sessions start with
 ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade; in-process
 writers are also serialised by a lock, so threads queue in Python rather than
 spin on ``SQLITE_BUSY``.
+
+PostgreSQL
+----------
+``postgresql+psycopg://user@host/db`` works with the same code: the same
+Alembic migrations (under an advisory lock, so processes starting together
+migrate once), the SQLAlchemy path for instances, and the claims of
+:mod:`storage.queue` with ``FOR UPDATE SKIP LOCKED``, so several processes and
+machines share one index. Connections are checked before use
+(``pool_pre_ping``): after a server restart the next session gets a new
+connection instead of an error; while the server is down a session raises
+``OperationalError`` (the receiver answers a failure status, nothing is
+acknowledged). ``busy_timeout_ms`` is the connect timeout there.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import DateTime, Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -69,6 +82,11 @@ logger = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Tries of one instance on PostgreSQL when another process inserted the same
+# patient, study or series concurrently (a unique violation).
+_RECORD_ATTEMPTS = 3
+# The PostgreSQL advisory lock key that serialises migrations ("ichn" in ASCII).
+_MIGRATION_LOCK = 0x6963686E
 
 
 def _owner_key(meta: InstanceMeta) -> tuple[str, str, str]:
@@ -381,11 +399,13 @@ class Index:
     Parameters
     ----------
     url : str
-        SQLAlchemy URL, e.g. ``sqlite:///ichnode-data/index.sqlite``.
+        SQLAlchemy URL, e.g. ``sqlite:///ichnode-data/index.sqlite`` or
+        ``postgresql+psycopg://ichnode@db.example.org/ichnode``.
     sqlite_synchronous : {"FULL", "NORMAL", "EXTRA"}
         ``PRAGMA synchronous`` for SQLite (see the module docstring).
     busy_timeout_ms : int
-        How long a SQLite connection waits for a lock held by another process.
+        How long a SQLite connection waits for a lock held by another process;
+        on PostgreSQL, the connect timeout (rounded to seconds).
     """
 
     def __init__(
@@ -404,6 +424,15 @@ class Index:
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
+        else:
+            # A pooled connection the server dropped (restart, fail-over, idle
+            # timeout) is noticed and replaced before a session uses it.
+            kwargs["pool_pre_ping"] = True
+            if parsed.get_backend_name() == "postgresql":
+                kwargs["connect_args"] = {
+                    "application_name": "ichnode",
+                    "connect_timeout": max(1, round(busy_timeout_ms / 1000)),
+                }
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(
@@ -438,6 +467,10 @@ class Index:
 
         cfg = self._alembic_config()
         with self._write_lock, self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Processes starting together on one database migrate one after
+                # the other; the later ones find the schema at head.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
         logger.info("index schema at revision %s (%s)", self.current_revision(), self._safe_url())
@@ -649,6 +682,24 @@ class Index:
             fast = self._record_instance_sqlite(meta, now, values)
             if fast is not None:
                 return fast
+        attempt = 1
+        while True:
+            try:
+                return self._record_instance(meta, now, values, path)
+            except IntegrityError:
+                # Another process (a second receiver on the same PostgreSQL)
+                # created the same patient, study or series in the meantime;
+                # the next try finds its committed rows. SQLite writers are
+                # serialised (BEGIN IMMEDIATE) and never get here.
+                if self.is_sqlite or attempt >= _RECORD_ATTEMPTS:
+                    raise
+                attempt += 1
+                logger.debug("concurrent insert of series %s; again", meta.series_instance_uid)
+
+    def _record_instance(
+        self, meta: InstanceMeta, now: dt.datetime, values: dict[str, Any], path: str | Path
+    ) -> RecordedInstance:
+        """The general path of :meth:`record_instance` (the ORM, any dialect), one transaction."""
         with self.session() as session:
             series_id, study_id = self._series_for(session, meta, now)
             values["series_id"] = series_id
