@@ -364,6 +364,15 @@ class NotificationSettings(_Section):
                 raise ValueError("url and token are for kind = \"webhook\"")
         if self.tls_ca_file is not None and not Path(self.tls_ca_file).is_file():
             raise ValueError(f"tls_ca_file: {self.tls_ca_file} does not exist or is not a file")
+        try:
+            self.viewer_url.format(
+                study_instance_uid="1", series_instance_uid="1", accession_number="1"
+            )
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"viewer_url: unknown placeholder {exc}; use {{study_instance_uid}}, "
+                "{series_instance_uid} or {accession_number}"
+            ) from None
         for key in (
             "sending_application",
             "sending_facility",

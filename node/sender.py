@@ -7,6 +7,11 @@ an abort, never a success) and marks a row ``sent`` only on an acknowledgement.
 A ``kind = "dicomweb"`` destination gets the same rows by STOW-RS
 (:mod:`node.dicomweb`): sent only when the response dataset lists the instance
 as stored.
+Triage notifications (:mod:`node.notify`, ``[[notifications]]``) are rows of
+the same outbox: the sender adds one for each new SR whose finding a
+notification asks for, then sends it by webhook or HL7 MLLP with the same
+backoff, dead letter and ``ichnode outbox retry``; the worker never waits
+for them.
 A failed try is retried with exponential backoff (``[delivery]``
 ``backoff_initial_seconds`` doubling up to ``backoff_max_seconds``); a delivery
 older than ``max_age_hours`` becomes ``dead`` until ``ichnode outbox retry``.
@@ -40,8 +45,16 @@ from pynetdicom.association import Association
 from sqlalchemy import case, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from config.settings import DeliverySettings, DestinationSettings
+from config.settings import DeliverySettings, DestinationSettings, NotificationSettings
 from node.dicomweb import DicomWebLink
+from node.notify import (
+    Hl7Link,
+    NotificationQueue,
+    WebhookLink,
+    notification_id,
+    read_notice,
+    source_series_uid,
+)
 from node.tls import client_tls_args
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, Result, ResultKind
@@ -72,6 +85,8 @@ _KIND_ORDER = case((Result.kind == ResultKind.SR, 0), (Result.kind == ResultKind
 
 # An idle association is released after this many seconds.
 IDLE_RELEASE_SECONDS = 10.0
+# New SRs are looked at for notifications at most this often.
+NOTIFY_SCAN_SECONDS = 0.5
 
 
 def utcnow() -> dt.datetime:
@@ -249,6 +264,8 @@ class Sender:
         Backoff and age limits.
     calling_ae : str
         Our AE title as the calling AE.
+    notifications : list of NotificationSettings
+        Triage notifications (webhook, HL7), sent through the same outbox.
     """
 
     def __init__(
@@ -258,11 +275,12 @@ class Sender:
         delivery: DeliverySettings,
         calling_ae: str,
         poll_seconds: float = 0.1,
+        notifications: list[NotificationSettings] | None = None,
     ) -> None:
         self.index = index
         self.delivery = delivery
         self.poll_seconds = poll_seconds
-        self.links: dict[str, DestinationLink | DicomWebLink] = {
+        self.links: dict[str, DestinationLink | DicomWebLink | WebhookLink | Hl7Link] = {
             d.name: (
                 DicomWebLink(d, delivery.timeout_seconds)
                 if d.kind == "dicomweb"
@@ -270,6 +288,17 @@ class Sender:
             )
             for d in destinations
         }
+        dicomweb_urls = [d.url for d in destinations if d.kind == "dicomweb"]
+        for n in notifications or []:
+            self.links[n.name] = (
+                WebhookLink(n, delivery.timeout_seconds, dicomweb_urls)
+                if n.kind == "webhook"
+                else Hl7Link(n, delivery.timeout_seconds)
+            )
+        self.notify_queue = NotificationQueue(
+            index, notifications or [], dt.timedelta(hours=delivery.max_age_hours)
+        )
+        self._last_scan = float("-inf")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -277,10 +306,16 @@ class Sender:
     name = "sender"
 
     # -- one pass ---------------------------------------------------------
-    def _due(self, now: dt.datetime, limit: int) -> list[tuple[int, str, str, bool]]:
+    def _due(self, now: dt.datetime, limit: int) -> list[tuple[int, str, str, bool, int]]:
         with self.index.session(readonly=True) as session:
             rows = session.execute(
-                select(Delivery.id, Delivery.destination, Result.path, Result.superseded)
+                select(
+                    Delivery.id,
+                    Delivery.destination,
+                    Result.path,
+                    Result.superseded,
+                    Delivery.result_id,
+                )
                 .join(Result, Result.id == Delivery.result_id)
                 .where(
                     Delivery.state == DeliveryState.PENDING,
@@ -290,7 +325,7 @@ class Sender:
                 .order_by(Result.job_id, _KIND_ORDER, Delivery.id)
                 .limit(limit)
             ).all()
-        return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
+        return [(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
 
     def _record(self, delivery_id: int, ok: bool, error: str, outcome: SendOutcome) -> None:
         now = utcnow()
@@ -350,9 +385,14 @@ class Sender:
     def send_once(self, limit: int = 200) -> SendOutcome:
         """Try every due delivery once; return what happened."""
         outcome = SendOutcome()
+        if self.notify_queue.notifications and (
+            time.monotonic() - self._last_scan >= NOTIFY_SCAN_SECONDS
+        ):
+            self._last_scan = time.monotonic()
+            self.notify_queue.enqueue(utcnow())
         # Destinations whose try failed for all of them in this pass, with why.
         broken: dict[str, str] = {}
-        for delivery_id, destination, path, superseded in self._due(utcnow(), limit):
+        for delivery_id, destination, path, superseded, result_id in self._due(utcnow(), limit):
             if superseded:
                 self._mark_dead(delivery_id, "result superseded by a newer analysis", outcome)
                 continue
@@ -371,6 +411,15 @@ class Sender:
                 ok, error = link.store(Path(path))
                 if not ok and not link.reachable:
                     broken[destination] = error
+            elif isinstance(link, WebhookLink | Hl7Link):
+                try:
+                    notice = read_notice(Path(path), source_series_uid(self.index, result_id))
+                except ValueError as exc:
+                    ok, error = False, str(exc)
+                else:
+                    ok, error = link.send(notice, notification_id(delivery_id))
+                    if not ok and not link.reachable:
+                        broken[destination] = error
             else:
                 ok, error = _store(link, Path(path))
                 if not ok and link.assoc is None:
@@ -427,5 +476,9 @@ def component(service: NodeService) -> Sender:
     """The outbox sender of ``ichnode serve`` (see :mod:`node.service`)."""
     settings = service.settings
     return Sender(
-        service.index, list(settings.destinations), settings.delivery, settings.node.ae_title
+        service.index,
+        list(settings.destinations),
+        settings.delivery,
+        settings.node.ae_title,
+        notifications=list(settings.notifications),
     )
