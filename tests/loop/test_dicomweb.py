@@ -148,7 +148,9 @@ def test_wrong_credentials_dead_letter_then_outbox_retry(tmp_path: Path) -> None
             assert "check username/password or token" in (row.last_error or "")
         assert server.instance_count() == 0
         # the operator sees why, fixes the password and retries
-        right = f'url = "{server.dicomweb_url}"\nusername = "ichnode"\npassword = "right-password"\n'
+        right = (
+            f'url = "{server.dicomweb_url}"\nusername = "ichnode"\npassword = "right-password"\n'
+        )
         cfg = _config(tmp_path, index, right)
         listed = _cli("outbox", "--config", str(cfg), "list")
         assert listed.returncode == 0, listed.stderr
