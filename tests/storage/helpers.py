@@ -80,8 +80,12 @@ def running_scp(
     listeners: list[IngestListener] | None = None,
     synchronous: str = "NORMAL",
     shutdown_grace_s: float = 0.0,
+    database_url: str = "",
 ) -> Iterator[RunningSCP]:
-    """Start a :class:`StorageSCP` on a free loopback port; stop it afterwards."""
+    """Start a :class:`StorageSCP` on a free loopback port; stop it afterwards.
+
+    The index is ``root/index.sqlite`` unless ``database_url`` names another.
+    """
     port = free_port()
     node = NodeSettings(
         ae_title=ae_title,
@@ -90,7 +94,10 @@ def running_scp(
         max_associations=max_associations,
     )
     storage = StorageSettings(root=root, min_free_disk_mb=min_free_disk_mb)
-    index = Index(f"sqlite:///{root / 'index.sqlite'}", sqlite_synchronous=synchronous)  # type: ignore[arg-type]
+    index = Index(
+        database_url or f"sqlite:///{root / 'index.sqlite'}",
+        sqlite_synchronous=synchronous,  # type: ignore[arg-type]
+    )
     index.upgrade()
     archive = Archive(root)
     scp = StorageSCP(
