@@ -15,6 +15,7 @@ could not be analysed at all.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import os
@@ -42,6 +43,7 @@ from pydicom.uid import (
 
 from config import ICHNODE_VERSION
 from inference.findings import SUBTYPES, SeriesFindings
+from inference.volume import source_frame
 from node import drawing
 
 logger = logging.getLogger(__name__)
@@ -412,6 +414,44 @@ def unify_frame_of_reference(headers: Sequence[Dataset]) -> str | None:
     return chosen
 
 
+@dataclass(frozen=True)
+class MultiFrameSource:
+    """The one multi-frame instance (Enhanced CT) whose frames are the slices."""
+
+    dataset: Dataset
+    frame_indices: list[int]  # 0-based frame of each slice, in volume order
+
+    @property
+    def frame_count(self) -> int:
+        return int(self.dataset.NumberOfFrames)
+
+    def frame_numbers(self) -> list[int | None]:
+        """ReferencedFrameNumber (1-based) of each slice."""
+        return [i + 1 for i in self.frame_indices]
+
+    def header(self, slice_header: Dataset) -> Dataset:
+        """A sanitised header of the instance with its functional groups, for highdicom."""
+        out = sanitized_header(self.dataset)
+        for keyword in (
+            "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+        ):
+            setattr(out, keyword, copy.deepcopy(self.dataset[keyword].value))
+        if "FrameOfReferenceUID" in slice_header:
+            out.FrameOfReferenceUID = slice_header.FrameOfReferenceUID
+        return out
+
+
+def multiframe_source(sources: Sequence[Dataset]) -> MultiFrameSource | None:
+    """The Enhanced CT instance the slices are frames of; None for single-frame slices."""
+    frames = [source_frame(ds) for ds in sources]
+    first = frames[0] if frames else None
+    if first is None or any(
+        f is None or f[0].SOPInstanceUID != first[0].SOPInstanceUID for f in frames
+    ):
+        return None
+    return MultiFrameSource(first[0], [f[1] for f in frames if f is not None])
+
+
 # ----------------------------------------------------------------------------
 # SEG
 # ----------------------------------------------------------------------------
@@ -423,8 +463,13 @@ def build_segmentation(
     *,
     series_number: int,
     now: datetime.datetime,
+    multiframe: MultiFrameSource | None = None,
 ) -> hd.seg.Segmentation | None:
-    """One BINARY SEG with a segment per subtype found; None when nothing is found."""
+    """One BINARY SEG with a segment per subtype found; None when nothing is found.
+
+    With ``multiframe`` (the slices are frames of one Enhanced CT instance) the
+    SEG references that instance, one SEG frame per source frame it segments.
+    """
     names = segmented_subtypes(findings)
     if not names:
         return None
@@ -446,8 +491,15 @@ def build_segmentation(
         )
     indices = [SUBTYPES.index(name) for name in names]
     pixel_array = np.moveaxis(np.asarray(findings.masks[indices], dtype=bool), 0, -1)
+    sources = list(headers)
+    if multiframe is not None:
+        sources = [multiframe.header(headers[0])]
+        # highdicom wants the masks in the source's frame order, one per frame.
+        full = np.zeros((multiframe.frame_count, *pixel_array.shape[1:]), dtype=bool)
+        full[multiframe.frame_indices] = pixel_array
+        pixel_array = full
     seg = hd.seg.Segmentation(
-        source_images=list(headers),
+        source_images=sources,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -483,6 +535,7 @@ def _referenced_segment(
     seg: hd.seg.Segmentation,
     name: str,
     segment_number: int,
+    frame_numbers: Sequence[int | None] | None = None,
 ) -> hd.sr.ReferencedSegment:
     """The SEG segment of ``name`` and the source images it was drawn on.
 
@@ -500,10 +553,16 @@ def _referenced_segment(
             hd.sr.SourceImageForSegmentation(
                 referenced_sop_class_uid=headers[int(z)].SOPClassUID,
                 referenced_sop_instance_uid=headers[int(z)].SOPInstanceUID,
+                referenced_frame_numbers=_frame_list(frame_numbers, int(z)),
             )
             for z in slices
         ],
     )
+
+
+def _frame_list(frame_numbers: Sequence[int | None] | None, z: int) -> list[int] | None:
+    number = None if frame_numbers is None else frame_numbers[z]
+    return None if number is None else [number]
 
 
 def build_report(
@@ -514,6 +573,7 @@ def build_report(
     series_number: int,
     now: datetime.datetime,
     notes: Sequence[str] = (),
+    frame_numbers: Sequence[int | None] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 measurement report: always written, also for a negative series.
 
@@ -596,7 +656,7 @@ def build_report(
                         uid=tracking_uids[name], identifier=f"{name} hemorrhage"
                     ),
                     referenced_segment=_referenced_segment(
-                        findings, headers, seg, name, segment_numbers[name]
+                        findings, headers, seg, name, segment_numbers[name], frame_numbers
                     ),
                     finding_type=SUBTYPE_CODES[name],
                     finding_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -839,6 +899,7 @@ def build_key_image(
     series_number: int,
     instance_number: int,
     now: datetime.datetime,
+    frame_numbers: Sequence[int | None] | None = None,
 ) -> hd.sc.SCImage:
     """The key image of subtype ``name``: its largest slice with outline and heat map."""
     mask = np.asarray(findings.masks[SUBTYPES.index(name)], dtype=bool)
@@ -892,6 +953,9 @@ def build_key_image(
     source_item = Dataset()
     source_item.ReferencedSOPClassUID = header.SOPClassUID
     source_item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    frame = _frame_list(frame_numbers, index)
+    if frame is not None:
+        source_item.ReferencedFrameNumber = frame[0]
     sc.SourceImageSequence = [source_item]
     if header.get("StudyDescription"):
         sc.StudyDescription = header.StudyDescription
@@ -941,11 +1005,16 @@ def build_results(
     series_instance_uid = findings.series_instance_uid
     missing: list[MissingObject] = []
 
+    multiframe = multiframe_source(source_datasets)
+    frame_numbers = None if multiframe is None else multiframe.frame_numbers()
+
     seg: hd.seg.Segmentation | None = None
     if segmented_subtypes(findings):
         unify_frame_of_reference(headers)
         try:
-            seg = build_segmentation(findings, headers, series_number=seg_number, now=now)
+            seg = build_segmentation(
+                findings, headers, series_number=seg_number, now=now, multiframe=multiframe
+            )
         except Exception as exc:  # any encoder failure degrades to a missing SEG
             logger.debug("series %s: SEG not built", series_instance_uid, exc_info=True)
             missing.append(MissingObject("SEG", _one_line(exc)))
@@ -965,6 +1034,7 @@ def build_results(
                     series_number=sc_number,
                     instance_number=len(key_images) + 1,
                     now=now,
+                    frame_numbers=frame_numbers,
                 )
             )
         except Exception as exc:  # a key image that fails is left out, see above
@@ -982,6 +1052,7 @@ def build_results(
         series_number=sr_number,
         now=now,
         notes=[item.sentence() for item in missing],
+        frame_numbers=frame_numbers,
     )
     objects: list[Dataset] = []
     if seg is not None:

@@ -556,28 +556,62 @@ def test_enhanced_ct_multiframe_is_analysed_from_its_functional_groups(
     positions from PlanePositionSequence and a different RescaleIntercept per frame
     (PixelValueTransformationSequence): the volume has 8 slices in position order
     with exact HU, dz 2.5 mm, pixel spacing 0.8 mm from PixelMeasuresSequence.
-    The SR and key images are written; the SEG is listed as missing with its
-    reason (node/results.py builds SEGs over single-frame sources only)."""
-    volume = check_analysed(analysed, "enhanced", missing=("SEG",))
+    SEG, SR and key images are all written, nothing missing; they reference the
+    instance and the frame of each slice (ReferencedFrameNumber)."""
+    volume = check_analysed(analysed, "enhanced")
     order = [3, 0, 6, 1, 7, 2, 5, 4]  # frame f holds slice order[f]
     frames = [source_frame(ds) for ds in volume.datasets]
     assert all(f is not None for f in frames)
     assert [f[1] for f in frames if f is not None] == [order.index(k) for k in range(8)]
-    (entry,) = [analysed.entries[analysed.variants["enhanced"].series_instance_uid]]
-    assert "multi-frame" in entry["missing"][0]["reason"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="node/results.py passes one header per slice to highdicom; a SEG over a "
-    "multi-frame source needs source_images=[the instance] and masks in frame order",
-)
-def test_enhanced_ct_gets_a_seg(analysed: Analysed) -> None:
-    """Expected (once node/results.py handles multi-frame sources): the Enhanced CT
-    series gets its SEG too, nothing missing."""
+    source_uid = volume.sop_instance_uids[0]
     entry = analysed.entries[analysed.variants["enhanced"].series_instance_uid]
-    assert entry["missing"] == []
-    assert "SEG" in kinds_of(entry["outputs"])
+    by_kind: dict[str, list[pydicom.Dataset]] = {}
+    for output in entry["outputs"]:
+        ds = pydicom.dcmread(output)
+        by_kind.setdefault(KINDS.get(ds.SOPClassUID.keyword, ""), []).append(ds)
+    (seg,) = by_kind["SEG"]
+    # Each SEG frame is derived from one frame of the one Enhanced CT instance, and
+    # sits at that frame's position.
+    positions = {
+        tuple(round(float(v), 3) for v in ds.ImagePositionPatient): f[1] + 1
+        for ds, f in zip(volume.datasets, frames, strict=True)
+        if f is not None
+    }
+    assert int(seg.NumberOfFrames) >= 1
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == source_uid
+        position = tuple(
+            round(float(v), 3) for v in item.PlanePositionSequence[0].ImagePositionPatient
+        )
+        assert int(source.ReferencedFrameNumber) == positions[position]
+    # The key images name the frame they show.
+    for sc in by_kind["SC"]:
+        reference = sc.SourceImageSequence[0]
+        assert reference.ReferencedSOPInstanceUID == source_uid
+        assert 1 <= int(reference.ReferencedFrameNumber) <= len(order)
+    # The SR's segment references name frames of the instance too.
+    (sr,) = by_kind["SR"]
+    numbers = [
+        int(n)
+        for item in _walk(sr)
+        if "ReferencedFrameNumber" in item and "ReferencedSOPInstanceUID" in item
+        and item.ReferencedSOPInstanceUID == source_uid
+        for n in (item.ReferencedFrameNumber if item["ReferencedFrameNumber"].VM > 1
+                  else [item.ReferencedFrameNumber])
+    ]
+    assert numbers and set(numbers) <= set(range(1, len(order) + 1))
+
+
+def _walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """Every item of every sequence in ``ds``, depth first."""
+    found = []
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                found.append(item)
+                found.extend(_walk(item))
+    return found
 
 
 @pytest.mark.interop
