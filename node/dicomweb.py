@@ -46,6 +46,32 @@ _HTTP_HINTS = {
 }
 
 
+class PinnedVerifySession(requests.Session):
+    """A ``requests`` session whose ``verify`` setting wins over the environment.
+
+    ``requests`` lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` replace a
+    session's CA bundle (requests issue 3829), so a configured
+    ``tls_ca_file`` (or ``tls_verify = false``) would be ignored on hosts that
+    set them. Without either, the environment's bundle applies as usual, and
+    so do its proxies.
+    """
+
+    def merge_environment_settings(
+        self,
+        url: Any,
+        proxies: Any,
+        stream: Any,
+        verify: Any,
+        cert: Any,
+    ) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(
+            url, proxies, stream, verify, cert
+        )
+        if verify is None and self.verify is not True:  # a CA file, or False: keep it
+            settings["verify"] = self.verify
+        return settings
+
+
 def _client_class() -> Any:
     # Imported on first use: ``ichnode --help`` does not pay for it.
     from dicomweb_client.api import DICOMwebClient
@@ -121,7 +147,7 @@ class DicomWebLink:
 
     def _session(self) -> requests.Session:
         dest = self.destination
-        session = requests.Session()
+        session = PinnedVerifySession()
         if dest.tls_verify:
             session.verify = str(dest.tls_ca_file) if dest.tls_ca_file is not None else True
         else:

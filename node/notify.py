@@ -34,6 +34,7 @@ from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from config.settings import NotificationSettings
+from node.dicomweb import PinnedVerifySession
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, Result, ResultKind, Series
 
@@ -472,7 +473,7 @@ class WebhookLink:
 
     def _session(self) -> requests.Session:
         if self._http is None:
-            http = requests.Session()
+            http = PinnedVerifySession()
             if not self.settings.tls_verify:
                 http.verify = False
             elif self.settings.tls_ca_file is not None:

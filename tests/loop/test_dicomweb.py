@@ -7,8 +7,10 @@ Every test runs Orthanc (Debian ``orthanc``) with the plugin of Debian
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -19,13 +21,15 @@ from node.dicomweb import DicomWebLink, _response_dataset, check_stow_response
 from node.sender import Sender
 from storage.index import Index
 from storage.models import DeliveryState, Result
+from tests.hardening.conftest import TlsFiles, tls_files
+from tests.interop import free_port
 from tests.loop.helpers import new_index, sc_dataset
 from tests.loop.test_sender import _cli, _outbox, _rows
 from tests.orthanc import Orthanc, orthanc_dicomweb, running_orthanc
 
 pytestmark = pytest.mark.interop
 
-__all__ = ["orthanc_dicomweb"]  # the fixture, imported for pytest
+__all__ = ["orthanc_dicomweb", "tls_files"]  # the fixtures, imported for pytest
 
 
 def _dest(url: str, **auth: str) -> DestinationSettings:
@@ -242,3 +246,129 @@ def test_settings_of_a_dicomweb_destination(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="url"):
         load_settings(cfg)
+
+
+class TlsTerminator:
+    """A real TLS front (as nginx would be) relaying to Orthanc's plain HTTP port.
+
+    Debian's Orthanc 1.10.1 crashes on its own ``SslEnabled`` server, so the
+    HTTPS leg is this relay, with the test CA's server certificate.
+    """
+
+    def __init__(self, files: TlsFiles, backend_port: int) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.port = free_port()
+        self.backend_port = backend_port
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(files.server_cert, files.server_key)
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._threading = threading
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _pump(self, source: Any, sink: Any) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _serve(self, raw: Any) -> None:
+        import socket
+
+        try:
+            client = self.context.wrap_socket(raw, server_side=True)
+        except OSError:
+            raw.close()  # the handshake failed: the client did not trust us
+            return
+        backend = socket.create_connection(("127.0.0.1", self.backend_port))
+        self._threading.Thread(target=self._pump, args=(backend, client), daemon=True).start()
+        self._pump(client, backend)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            raw.settimeout(10)
+            self._threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_https_is_verified_by_default_and_the_ca_bundle_trusts(
+    tmp_path: Path, tls_files: TlsFiles, orthanc_dicomweb: Orthanc
+) -> None:
+    index = new_index(tmp_path)
+    (delivery_id,) = _outbox(index, tmp_path, ["web"])
+    front = TlsTerminator(tls_files, orthanc_dicomweb.http_port)
+    url = f"https://127.0.0.1:{front.port}/dicom-web"
+    try:
+        # the test CA is not a system CA: verification (on by default) refuses the server
+        sender = _sender(index, _dest(url), backoff_initial_seconds=0.1)
+        assert sender.send_once().retried == [delivery_id]
+        sender.stop()
+        error = _rows(index)[delivery_id].last_error or ""
+        assert "TLS error" in error and "CERTIFICATE_VERIFY_FAILED" in error, error
+        assert orthanc_dicomweb.instance_count() == 0
+        time.sleep(0.2)
+        trusted = DestinationSettings(
+            name="web", kind="dicomweb", url=url, tls_ca_file=tls_files.ca_cert
+        )
+        sender = _sender(index, trusted)
+        assert sender.send_once().sent == [delivery_id]
+        sender.stop()
+    finally:
+        front.close()
+    assert orthanc_dicomweb.instance_count() == 1
+
+
+def test_bearer_token_is_sent(tmp_path: Path) -> None:
+    """A real HTTP server that wants a bearer token: the header arrives; a 401 is a clear reason."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0") or 0))
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        index = new_index(tmp_path)
+        (delivery_id,) = _outbox(index, tmp_path, ["web"])
+        dest = _dest(f"http://127.0.0.1:{port}/dicom-web", token="s3cret-token")
+        sender = _sender(index, dest)
+        assert sender.send_once().retried == [delivery_id]
+        sender.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["Bearer s3cret-token"]
+    error = _rows(index)[delivery_id].last_error or ""
+    assert "HTTP 401" in error and "s3cret" not in error
