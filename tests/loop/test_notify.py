@@ -156,9 +156,7 @@ def _report(event: str) -> tuple[Dataset, Dataset]:
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if event == "not_analysed":
-        report: Dataset = build_not_analysed_report(
-            datasets, "series has 1 slice", ModelIdentity()
-        )
+        report: Dataset = build_not_analysed_report(datasets, "series has 1 slice", ModelIdentity())
         return report, datasets[0]
     mask = np.zeros((len(datasets), 64, 64), dtype=bool)
     if event == "positive":
@@ -446,3 +444,68 @@ def test_notification_names_do_not_clash_with_destinations(tmp_path: Path) -> No
     cfg.write_text('[[notifications]]\nname = "hook"\nkind = "webhook"\nurl = "http://x/"\n')
     (hook,) = load_settings(cfg).notifications
     assert hook.on == ["positive"] and hook.include_phi is False
+
+
+# -- end to end: ichnode serve, Orthanc over DICOMweb, webhook and RIS ---------------
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+def test_serve_stow_rs_and_notifications_end_to_end(
+    tmp_path: Path, webhook: WebhookReceiver, mllp: MllpListener
+) -> None:
+    """A phantom bleed sent by Orthanc to ``ichnode serve``: results come back by STOW-RS,
+    the webhook and the RIS are told, and the time from the last instance is measured."""
+    from tests.loop.conftest import make_study, register_node, result_series, send_to_node, upload
+    from tests.loop.harness import NodeRunner, wait_for
+    from tests.orthanc import running_orthanc
+
+    bleed = make_study(tmp_path / "phantom", 103, ("intraparenchymal",), n_slices=24)
+    webhook.start()
+    mllp.start()
+    with running_orthanc(tmp_path / "orthanc", dicomweb=True) as orthanc:
+        extra = (
+            f'\n[[destinations]]\nname = "archive"\nkind = "dicomweb"\n'
+            f'url = "{orthanc.dicomweb_url}"\n'
+            f'\n[[notifications]]\nname = "triage"\nkind = "webhook"\n'
+            f'url = "http://127.0.0.1:{webhook.port}/ich"\n'
+            f'\n[[notifications]]\nname = "ris"\nkind = "hl7"\nhost = "127.0.0.1"\n'
+            f"port = {mllp.port}\n"
+        )
+        node = NodeRunner(tmp_path / "node", [], quiet_seconds=3.0, extra_toml=extra)
+        node.start()
+        try:
+            register_node(orthanc, node.ae_title, node.port)
+            ids = upload(orthanc, bleed.files)
+            study = orthanc.find_study(bleed.study_instance_uid)
+            assert study is not None and len(ids) == 24
+            send_to_node(orthanc, [study])
+            last_instance = time.monotonic()  # Orthanc's C-STORE is synchronous
+            wait_for("webhook and HL7 ACK", lambda: webhook.received and mllp.messages, 240)
+            latency = time.monotonic() - last_instance
+            wait_for(
+                "every delivery acknowledged",
+                lambda: (
+                    (rows := node.deliveries()) and all(r.state == DeliveryState.SENT for r in rows)
+                ),
+                120,
+            )
+            deliveries = node.deliveries()
+        finally:
+            node.stop()
+        found = result_series(orthanc, bleed.study_instance_uid)
+    print(f"last instance -> webhook 2xx and HL7 AA: {latency:.1f} s")
+    assert "SR" in found  # STOW-RS put the results into the source study
+    by_destination: dict[str, int] = {}
+    for row in deliveries:
+        by_destination[row.destination] = by_destination.get(row.destination, 0) + 1
+    assert by_destination["triage"] == 1 and by_destination["ris"] == 1
+    assert by_destination["archive"] == sum(len(v) for v in found.values())
+    (doc,) = webhook.documents()
+    assert doc["series_instance_uid"] == bleed.series_instance_uid
+    assert doc["event"] == "positive" and doc["finding"]["hemorrhage"] is True
+    assert doc["links"]["dicomweb_study"] == [
+        f"{orthanc.dicomweb_url}/studies/{bleed.study_instance_uid}"
+    ]
+    (message,) = mllp.messages
+    assert _fields(message, "OBR")[0][27].split("^")[5] == "S"
