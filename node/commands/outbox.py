@@ -1,6 +1,8 @@
 """``ichnode outbox list|retry [ID]``: the deliveries of result objects and their state.
 
-``list`` prints one line per delivery (newest first). ``retry ID`` makes one
+``list`` prints one line per delivery (newest first); a triage notification
+(``[[notifications]]``, a row of the same outbox) shows its kind as ``HOOK``
+(webhook) or ``HL7`` instead of the result kind. ``retry ID`` makes one
 delivery due now (a ``dead`` one comes back to ``pending`` with a fresh age
 limit); ``retry`` without an ID does so for every dead delivery. A running
 node picks the rows up at its next pass; nothing here speaks DICOM.
@@ -133,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         print("ichnode outbox: list takes no ID", file=sys.stderr)
         return 2
     rows = list_deliveries(index)
+    notification_kinds = {
+        n.name: ("HL7" if n.kind == "hl7" else "HOOK") for n in settings.notifications
+    }
     if not rows:
         print("outbox is empty")
         return 0
@@ -145,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
         note = r.last_error or ""
         if r.superseded:
             note = ("superseded; " + note).rstrip("; ")
+        kind = notification_kinds.get(r.destination, r.kind)
         print(
-            f"{r.id:>6}  {r.state:<8} {r.destination[:16]:<16} {r.kind:<4} "
+            f"{r.id:>6}  {r.state:<8} {r.destination[:16]:<16} {kind:<4} "
             f"{r.attempts:>5}  {_when(when):<19}  {r.series_instance_uid}"
             + (f"  {note}" if note else "")
         )
