@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
 from node.results import report_notes
@@ -223,3 +223,44 @@ def test_routed_series_that_cannot_be_analysed_gets_a_not_analysed_sr(
     row = loop.node.series(sent.series_instance_uid)
     assert row is not None and row.status.value == "skipped" and reason in (row.reason or "")
     assert row.hemorrhage is None  # no finding stated either way
+
+
+def test_enhanced_ct_series_gets_seg_sr_and_key_images(loop: Loop, tmp_path: Path) -> None:
+    """The seed-103 phantom as one Enhanced CT instance (frames stored out of order,
+    geometry and rescale in functional groups): through ``ichnode serve`` it is
+    analysed like its single-frame twin, and SEG, SR and key images reach the PACS,
+    valid, referencing the instance's frames."""
+    from tests.node.test_variants import enhanced_ct_from
+
+    single = _phantom(loop, tmp_path / "single", "enhanced", "same")
+    singles: list[Dataset] = [dcmread(p) for p in single.files]
+    singles.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    hu = np.stack(
+        [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in singles]
+    ).astype(np.float32)
+    n = len(singles)
+    order = [*range(1, n, 2), *range(0, n, 2)]  # odd slices first: frame order is not z order
+    enhanced = enhanced_ct_from(singles, hu, order=order)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    sent = Sent(single.study_instance_uid, single.series_instance_uid, [path])
+    _send(loop.node, sent)
+    found = wait_for(
+        "SEG, SR and key images of the Enhanced CT series",
+        lambda: _delivered(loop, sent, {"SEG", "SR", "SC"}),
+        300,
+    )
+    objects = _valid_objects(loop, found, tmp_path / "got")
+    row = loop.node.series(sent.series_instance_uid)
+    assert row is not None and row.status.value == "done" and row.hemorrhage is True
+    (seg,) = objects["SEG"]
+    for item in seg.PerFrameFunctionalGroupsSequence:  # type: ignore[attr-defined]
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        frame = int(source.ReferencedFrameNumber)
+        z = order[frame - 1]
+        assert [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient] == (
+            pytest.approx([float(v) for v in singles[z].ImagePositionPatient], abs=1e-3)
+        )
+    (sr,) = objects["SR"]
+    assert report_notes(sr) == []  # type: ignore[arg-type]

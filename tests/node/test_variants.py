@@ -118,6 +118,15 @@ def enhanced_ct(n_frames: int, *, order: list[int] | None = None) -> tuple[Datas
     slice order[f]), so sorting by frame number would give a wrong volume.
     """
     singles, hu = ct_series(n_frames, thickness=2.5)
+    return enhanced_ct_from(singles, hu, order=order), hu
+
+
+def enhanced_ct_from(
+    singles: list[Dataset], hu: np.ndarray, *, order: list[int] | None = None
+) -> Dataset:
+    """The single-frame CT slices ``singles`` (HU ``hu``, slice order) as one Enhanced
+    CT Image Storage instance, frames stored in ``order`` (see :func:`enhanced_ct`)."""
+    n_frames = len(singles)
     order = list(range(n_frames)) if order is None else order
     first = singles[0]
     ds = Dataset()
@@ -155,7 +164,7 @@ def enhanced_ct(n_frames: int, *, order: list[int] | None = None) -> tuple[Datas
     ds.NumberOfFrames = n_frames
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = MATRIX
+    ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
@@ -193,7 +202,7 @@ def enhanced_ct(n_frames: int, *, order: list[int] | None = None) -> tuple[Datas
         stored.append((hu[k] - intercept).astype(np.int16))
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
     ds.PixelData = np.stack(stored).tobytes()
-    return ds, hu
+    return ds
 
 
 # ---------------------------------------------------------------------------
