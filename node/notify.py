@@ -615,6 +615,8 @@ class NotificationQueue:
                     )
                 )
             }
+        # Remember only what is still waiting (a result drops out once it has its rows).
+        self._events = {r[0]: self._events[r[0]] for r in rows if r[0] in self._events}
         added: list[int] = []
         for result_id, path in rows:
             if result_id not in self._events:
