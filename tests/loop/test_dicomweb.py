@@ -372,3 +372,61 @@ def test_bearer_token_is_sent(tmp_path: Path) -> None:
     assert seen == ["Bearer s3cret-token"]
     error = _rows(index)[delivery_id].last_error or ""
     assert "HTTP 401" in error and "s3cret" not in error
+
+
+@pytest.mark.slow
+def test_serve_holds_results_while_the_dicomweb_archive_is_down(tmp_path: Path) -> None:
+    """``ichnode serve``: a series arrives while the STOW-RS archive is stopped; its results
+    wait in the outbox and all of them arrive, once each, after the archive starts."""
+    from tests.loop.conftest import make_study, register_node, send_to_node, upload
+    from tests.loop.harness import NodeRunner, wait_for
+
+    study = make_study(tmp_path / "phantom", 102, (), n_slices=12)
+    with (
+        running_orthanc(tmp_path / "scanner", aet="SCANNER") as scanner,
+        running_orthanc(tmp_path / "archive", dicomweb=True) as archive,
+    ):
+        extra = (
+            f'\n[[destinations]]\nname = "archive"\nkind = "dicomweb"\n'
+            f'url = "{archive.dicomweb_url}"\n'
+        )
+        node = NodeRunner(
+            tmp_path / "node",
+            [],
+            quiet_seconds=2.0,
+            backoff_initial=0.5,
+            backoff_max=1.0,
+            extra_toml=extra,
+        )
+        archive.stop()
+        node.start()
+        try:
+            register_node(scanner, node.ae_title, node.port)
+            upload(scanner, study.files)
+            source = scanner.find_study(study.study_instance_uid)
+            assert source is not None
+            send_to_node(scanner, [source])
+
+            def failing() -> bool:
+                rows = node.deliveries()
+                return bool(rows) and all(
+                    r.state == DeliveryState.PENDING
+                    and r.attempts >= 2
+                    and "cannot connect" in (r.last_error or "")
+                    for r in rows
+                )
+
+            wait_for("deliveries retried while the archive is down", failing, 240)
+            archive.start()
+            wait_for(
+                "every delivery acknowledged",
+                lambda: all(r.state == DeliveryState.SENT for r in node.deliveries()),
+                120,
+            )
+            rows = node.deliveries()
+            results = node.results(study.series_instance_uid)
+        finally:
+            node.stop()
+        stored = _orthanc_sop_uids(archive)
+    assert len(rows) == len(results) >= 1
+    assert sorted(stored) == sorted(r.sop_instance_uid for r in results)
