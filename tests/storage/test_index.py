@@ -4,9 +4,11 @@ rows and listings are right."""
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import delete, inspect, select, text
@@ -326,3 +328,28 @@ def test_association_record_outcomes_are_checked(index: Index) -> None:
         )
     with index.session(readonly=True) as session:
         assert session.scalars(select(AssociationRecord)).all() == []
+
+
+def _start_node(url: str, start: Any) -> None:
+    """What a node process does first on its index: connect, then migrate."""
+    idx = Index(url)
+    idx.current_revision()  # connected before the race starts
+    start.wait(60)
+    idx.upgrade()  # an exception makes the exit code non-zero
+    idx.dispose()
+
+
+def test_processes_starting_together_migrate_once(db_url: str) -> None:
+    """Several node processes starting on one fresh database all reach the newest schema."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(4)
+    procs = [ctx.Process(target=_start_node, args=(db_url, start)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    idx = Index(db_url)
+    assert idx.current_revision() == idx.head_revision()
+    assert {"instances", "jobs", "deliveries"} <= set(inspect(idx.engine).get_table_names())
+    idx.dispose()
