@@ -400,7 +400,8 @@ class Index:
     ----------
     url : str
         SQLAlchemy URL, e.g. ``sqlite:///ichnode-data/index.sqlite`` or
-        ``postgresql+psycopg://ichnode@db.example.org/ichnode``.
+        ``postgresql+psycopg://ichnode@db.example.org/ichnode`` (``postgresql://``
+        means the same). Other databases are refused with ``ValueError``.
     sqlite_synchronous : {"FULL", "NORMAL", "EXTRA"}
         ``PRAGMA synchronous`` for SQLite (see the module docstring).
     busy_timeout_ms : int
@@ -415,9 +416,18 @@ class Index:
         sqlite_synchronous: Synchronous = "NORMAL",
         busy_timeout_ms: int = 30_000,
     ) -> None:
-        self.url = url
         parsed = make_url(url)
-        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"storage.database_url: the index runs on SQLite or PostgreSQL, not {backend!r}"
+            )
+        if parsed.drivername == "postgresql":
+            # Plain postgresql:// would mean psycopg2; ichnode ships psycopg (3).
+            parsed = parsed.set(drivername="postgresql+psycopg")
+            url = parsed.render_as_string(hide_password=False)
+        self.url = url
+        self.is_sqlite = backend == "sqlite"
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             database = parsed.database
@@ -428,11 +438,10 @@ class Index:
             # A pooled connection the server dropped (restart, fail-over, idle
             # timeout) is noticed and replaced before a session uses it.
             kwargs["pool_pre_ping"] = True
-            if parsed.get_backend_name() == "postgresql":
-                kwargs["connect_args"] = {
-                    "application_name": "ichnode",
-                    "connect_timeout": max(1, round(busy_timeout_ms / 1000)),
-                }
+            kwargs["connect_args"] = {
+                "application_name": "ichnode",
+                "connect_timeout": max(1, round(busy_timeout_ms / 1000)),
+            }
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(

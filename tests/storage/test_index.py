@@ -353,3 +353,11 @@ def test_processes_starting_together_migrate_once(db_url: str) -> None:
     assert idx.current_revision() == idx.head_revision()
     assert {"instances", "jobs", "deliveries"} <= set(inspect(idx.engine).get_table_names())
     idx.dispose()
+
+
+def test_database_urls(tmp_path: Path) -> None:
+    plain = Index("postgresql://ichnode:secret@db.example.org:5433/ichnode")
+    assert plain.url == "postgresql+psycopg://ichnode:secret@db.example.org:5433/ichnode"
+    assert plain.engine.dialect.driver == "psycopg" and not plain.is_sqlite
+    with pytest.raises(ValueError, match="SQLite or PostgreSQL, not 'mysql'"):
+        Index("mysql://ichnode@db.example.org/ichnode")
