@@ -565,6 +565,169 @@ def _frame_list(frame_numbers: Sequence[int | None] | None, z: int) -> list[int]
     return None if number is None else [number]
 
 
+SQUARE_MILLIMETER = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
+# Right turn first, then straight on, then left (image coordinates, y down): at a
+# corner shared by two diagonal pixels the outline stays with the pixel it is
+# tracing, so the outline is that of a 4-connected region.
+_TURNS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # +x, +y, -x, -y: each the right turn of the one before
+
+
+def _largest_region(section: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a 2D mask (the first found on a tie)."""
+    labels = np.zeros(section.shape, dtype=np.int32)
+    rows, columns = section.shape
+    best, best_size, label = 0, 0, 0
+    for start in zip(*np.nonzero(section), strict=True):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start] = label
+        stack = [start]
+        size = 0
+        while stack:
+            r, c = stack.pop()
+            size += 1
+            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= nr < rows and 0 <= nc < columns and section[nr, nc] and not labels[nr, nc]:
+                    labels[nr, nc] = label
+                    stack.append((nr, nc))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else np.zeros(section.shape, dtype=bool)
+
+
+def region_outline(region: np.ndarray) -> np.ndarray:
+    """The closed outer outline of a 4-connected 2D region, along its pixel edges.
+
+    Returns an (n, 2) array of (column, row) points in the SCOORD convention
+    (the top left corner of the top left pixel is (0, 0)), clockwise on the
+    screen, corners only, first point repeated last. The outline encloses
+    every pixel of ``region`` and no other (holes aside), so the polygon's area
+    is the region's pixel count when it has no hole.
+    """
+    if not region.any():
+        raise ResultsError("no region to outline")
+    padded = np.pad(region, 1)
+    # Directed edges between pixel corners, the region on their right (y down).
+    outgoing: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def add(start: tuple[int, int], direction: tuple[int, int]) -> None:
+        outgoing.setdefault(start, []).append(direction)
+
+    for r, c in zip(*np.nonzero(region), strict=True):
+        pr, pc = r + 1, c + 1
+        if not padded[pr - 1, pc]:
+            add((c, r), (1, 0))  # top edge, left to right
+        if not padded[pr, pc + 1]:
+            add((c + 1, r), (0, 1))  # right edge, downwards
+        if not padded[pr + 1, pc]:
+            add((c + 1, r + 1), (-1, 0))  # bottom edge, right to left
+        if not padded[pr, pc - 1]:
+            add((c, r + 1), (0, -1))  # left edge, upwards
+    rows, columns = np.nonzero(region)
+    top = int(rows.min())
+    left = int(columns[rows == top].min())
+    start = (left, top)  # the top left corner of the top left pixel: on the outer outline
+    points = [start]
+    point, direction = start, (1, 0)
+    for _ in range(4 * int(region.sum()) + 4):
+        point = (point[0] + direction[0], point[1] + direction[1])
+        if point == start:
+            break
+        choices = outgoing[point]
+        turn = _TURNS.index(direction)
+        for step in (1, 0, 3):  # right, straight, left
+            candidate = _TURNS[(turn + step) % 4]
+            if candidate in choices:
+                if candidate != direction:
+                    points.append(point)
+                direction = candidate
+                break
+        else:
+            raise ResultsError("outline does not close")
+    else:
+        raise ResultsError("outline does not close")
+    points.append(start)
+    return np.asarray(points, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class RepresentativeSection:
+    """A finding's largest cross-section: its slice, outline and area."""
+
+    index: int  # slice in volume order
+    outline: np.ndarray  # (n, 2) closed polygon, (column, row)
+    area_mm2: float  # of the outlined region
+
+
+def representative_section(
+    mask: np.ndarray, pixel_spacing: Sequence[float]
+) -> RepresentativeSection:
+    """The slice with the largest cross-section of ``mask`` (z, y, x) and its outline.
+
+    The outline is that of the largest 4-connected region on that slice; the
+    area is that region's pixel count times the pixel area (PixelSpacing is
+    row spacing, column spacing in mm).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    index = int(np.argmax(areas))
+    region = _largest_region(mask[index])
+    area = float(region.sum()) * float(pixel_spacing[0]) * float(pixel_spacing[1])
+    return RepresentativeSection(index, region_outline(region), area)
+
+
+def _planar_group(
+    findings: SeriesFindings,
+    headers: Sequence[Dataset],
+    name: str,
+    tracking_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+    frame_numbers: Sequence[int | None] | None,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 group of ``name``: the outline of its largest cross-section and its area.
+
+    It carries the tracking UID of the finding's other group, so viewers that
+    merge groups by tracking UID (OHIF) show the volume beside the outline.
+    None when the slice has no pixel spacing (no area in mm2 can be stated).
+    """
+    mask = findings.masks[SUBTYPES.index(name)]
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    header = headers[int(np.argmax(areas))]
+    spacing = _finite_floats(header.get("PixelSpacing"), 2)
+    if spacing is None:
+        return None
+    section = representative_section(mask, spacing)
+    header = headers[section.index]
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: a polygon (SCOORD has no POLYGON)
+        graphic_data=section.outline,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID,
+            referenced_frame_numbers=_frame_list(frame_numbers, section.index),
+        ),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{name} hemorrhage"
+        ),
+        referenced_region=region,
+        finding_type=SUBTYPE_CODES[name],
+        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.SCT.Area,
+                value=section.area_mm2,
+                unit=SQUARE_MILLIMETER,
+                algorithm_id=algorithm,
+            )
+        ],
+    )
+
+
 def build_report(
     findings: SeriesFindings,
     headers: Sequence[Dataset],
@@ -599,6 +762,7 @@ def build_report(
         )
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     ] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -650,10 +814,11 @@ def build_report(
             hd.sr.QualitativeEvaluation(name=SUBTYPE_CODES[name], value=codes.SCT.Present)
         ]
         if seg is not None and name in segment_numbers:
+            tracking_uid = tracking_uids[name]
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=tracking_uids[name], identifier=f"{name} hemorrhage"
+                        uid=tracking_uid, identifier=f"{name} hemorrhage"
                     ),
                     referenced_segment=_referenced_segment(
                         findings, headers, seg, name, segment_numbers[name], frame_numbers
@@ -667,11 +832,12 @@ def build_report(
                 )
             )
         else:
-            # Found by the classifier but with an empty mask: no segment to point at.
+            # An empty mask (or no SEG): no segment to point at.
+            tracking_uid = hd.UID()
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=hd.UID(), identifier=f"{name} hemorrhage"
+                        uid=tracking_uid, identifier=f"{name} hemorrhage"
                     ),
                     finding_type=SUBTYPE_CODES[name],
                     finding_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -681,6 +847,11 @@ def build_report(
                     qualitative_evaluations=qualitative,
                 )
             )
+        if bool(np.any(findings.masks[SUBTYPES.index(name)])):
+            # Where viewers draw the finding: its outline on its largest slice.
+            planar = _planar_group(findings, headers, name, tracking_uid, algorithm, frame_numbers)
+            if planar is not None:
+                groups.append(planar)
 
     evidence: list[Dataset] = list(headers)
     if seg is not None:
@@ -710,6 +881,7 @@ def _report(
     observation_context: hd.sr.ObservationContext,
     groups: Sequence[
         hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     ],
     evidence: Sequence[Dataset],

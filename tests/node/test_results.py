@@ -418,3 +418,137 @@ def test_findings_that_do_not_match_the_series_are_refused() -> None:
     mixed_findings = make_findings(mixed, {})
     with pytest.raises(results.ResultsError, match="more than one series"):
         results.encode_results(mixed_findings, mixed)
+
+
+# ----------------------------------------------------------------------------
+# image-region outlines (TID 1410), what OHIF draws
+# ----------------------------------------------------------------------------
+
+
+def _polygon_pixels(outline: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The pixels whose centres lie inside the closed polygon ``outline`` (column, row)."""
+    from matplotlib.path import Path as PolygonPath
+
+    rows, columns = np.mgrid[: shape[0], : shape[1]]
+    centres = np.column_stack([columns.ravel() + 0.5, rows.ravel() + 0.5])
+    return np.asarray(PolygonPath(outline).contains_points(centres)).reshape(shape)
+
+
+def _touches_mask(point: np.ndarray, section: np.ndarray) -> bool:
+    """True when a mask pixel lies within 1 px of ``point`` (column, row)."""
+    column, row = float(point[0]), float(point[1])
+    r0, r1 = max(int(np.floor(row - 1)), 0), int(np.ceil(row + 1))
+    c0, c1 = max(int(np.floor(column - 1)), 0), int(np.ceil(column + 1))
+    return bool(section[r0:r1, c0:c1].any())
+
+
+def test_region_outline_encloses_exactly_the_largest_region() -> None:
+    section = np.zeros((24, 24), dtype=bool)
+    section[3:10, 4:8] = True  # an L: a vertical bar ...
+    section[8:10, 8:15] = True  # ... and a foot
+    section[10, 15] = True  # touches the foot only at a corner: not 4-connected
+    section[12:14, 2:4] = True  # separate, smaller
+    section[18:23, 16:22] = True  # a ring: a block with a hole
+    section[20, 18] = False
+    region = results._largest_region(section)
+    expected_l = np.zeros_like(section)
+    expected_l[3:10, 4:8] = True
+    expected_l[8:10, 8:15] = True
+    np.testing.assert_array_equal(region, expected_l)
+
+    outline = results.region_outline(region)
+    assert outline.shape[1] == 2 and len(outline) >= 5
+    np.testing.assert_array_equal(outline[0], outline[-1])  # closed
+    np.testing.assert_array_equal(_polygon_pixels(outline, section.shape), region)
+    x, y = outline[:, 0], outline[:, 1]
+    shoelace = 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+    assert shoelace == region.sum()
+    assert len(outline) == 7  # corners only: the L has six, plus the closing point
+
+    ring = np.zeros_like(section)
+    ring[18:23, 16:22] = True
+    ring[20, 18] = False
+    ring_outline = results.region_outline(ring)
+    assert _polygon_pixels(ring_outline, section.shape)[18:23, 16:22].all()  # hole inside
+    single = np.zeros((5, 5), dtype=bool)
+    single[2, 3] = True
+    np.testing.assert_array_equal(
+        results.region_outline(single), [[3, 2], [4, 2], [4, 3], [3, 3], [3, 2]]
+    )
+    with pytest.raises(results.ResultsError):
+        results.region_outline(np.zeros((4, 4), dtype=bool))
+
+
+def test_sr_outlines_each_finding_on_its_largest_slice(tmp_path: Path) -> None:
+    datasets = make_ct_series(6, 64)
+    masks = _two_subtype_masks(6, 64)
+    masks["subdural"][4, 30:34, 14:17] = True  # a second, smaller piece beside the crescent
+    findings = make_findings(datasets, masks)
+    paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
+    sr = hd.sr.srread(next(p for p in paths if "-SR-" in p.name))
+    report = cast(hd.sr.MeasurementReport, sr.content)
+
+    volumetric = {g.finding_type.value: g for g in report.get_volumetric_roi_measurement_groups()}
+    planar = report.get_planar_roi_measurement_groups()
+    assert sorted(g.finding_type.value for g in planar) == sorted(
+        results.SUBTYPE_CODES[name].value for name in masks
+    )
+    largest = {"intraparenchymal": 2, "subdural": 4}
+    for group in planar:
+        name = next(n for n, c in results.SUBTYPE_CODES.items() if c == group.finding_type)
+        z = largest[name]
+        region = group.roi
+        assert isinstance(region, hd.sr.ImageRegion)
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        reference = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == datasets[z].SOPInstanceUID
+        assert reference.ReferencedSOPClassUID == datasets[z].SOPClassUID
+        assert "ReferencedFrameNumber" not in reference  # single-frame CT
+        outline = region.value
+        np.testing.assert_array_equal(outline[0], outline[-1])  # closed
+        section = masks[name][z]
+        assert all(_touches_mask(point, section) for point in outline)
+        inside = _polygon_pixels(outline, section.shape)
+        assert inside.any() and (inside <= section).all()  # on the bleed, nowhere else
+        # the same finding as the volumetric group: OHIF merges them by tracking UID
+        assert group.tracking_uid == volumetric[group.finding_type.value].tracking_uid
+        (area,) = group.get_measurements(name=codes.SCT.Area)
+        assert (area.unit.value, area.unit.scheme_designator) == ("mm2", "UCUM")
+        assert area.value == pytest.approx(inside.sum() * 0.8 * 0.8)
+    subdural = next(g for g in planar if g.finding_type == results.SUBTYPE_CODES["subdural"])
+    # the crescent (40 x 4 px), not the smaller piece beside it
+    assert _polygon_pixels(subdural.roi.value, (64, 64)).sum() == 160
+
+
+@pytest.mark.interop
+def test_sr_with_outlines_is_valid(tmp_path: Path, dciodvfy: Checker) -> None:
+    datasets = make_ct_series(6, 64)
+    findings = make_findings(datasets, _two_subtype_masks(6, 64))
+    paths = results.write_results(findings, datasets, tmp_path, hu=hu_volume(datasets))
+    sr_path = next(p for p in paths if "-SR-" in p.name)
+    report = cast(hd.sr.MeasurementReport, hd.sr.srread(sr_path).content)
+    assert len(report.get_planar_roi_measurement_groups()) == 2
+    assert dciodvfy(sr_path) == []
+
+
+def test_sr_outline_of_enhanced_ct_names_the_frame(tmp_path: Path) -> None:
+    from inference.volume import load_volume
+    from tests.node.test_variants import enhanced_ct
+
+    order = [3, 0, 6, 1, 7, 2, 5, 4]  # frame f holds slice order[f]
+    enhanced, _ = enhanced_ct(8, order=order)
+    volume = load_volume([enhanced])
+    n, rows, columns = volume.hu.shape
+    mask = np.zeros((n, rows, columns), dtype=bool)
+    mask[2:5, 10:20, 10:20] = True
+    mask[5, 10:30, 10:30] = True  # slice 5 (frame order.index(5) + 1) is the largest
+    findings = make_findings(volume.datasets, {"epidural": mask})
+    built = results.build_results(findings, volume.datasets, hu=volume.hu, now=FIXED_NOW)
+    sr = next(ds for ds in built.objects if ds.SOPClassUID == Comprehensive3DSRStorage)
+    paths = results.write_datasets([sr], tmp_path)
+    report = cast(hd.sr.MeasurementReport, hd.sr.srread(paths[0]).content)
+    (group,) = report.get_planar_roi_measurement_groups()
+    reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+    assert int(reference.ReferencedFrameNumber) == order.index(5) + 1
+    assert _polygon_pixels(group.roi.value, (rows, columns)).sum() == 400
