@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import highdicom as hd
 import numpy as np
@@ -684,20 +684,18 @@ def _planar_group(
     tracking_uid: str,
     algorithm: hd.sr.AlgorithmIdentification,
     frame_numbers: Sequence[int | None] | None,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group of ``name``: the outline of its largest cross-section and its area.
 
     It carries the tracking UID of the finding's other group, so viewers that
     merge groups by tracking UID (OHIF) show the volume beside the outline.
-    None when the slice has no pixel spacing (no area in mm2 can be stated).
+    Without a pixel spacing on that slice the area (mm2) is left out.
     """
     mask = findings.masks[SUBTYPES.index(name)]
     areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
     header = headers[int(np.argmax(areas))]
     spacing = _finite_floats(header.get("PixelSpacing"), 2)
-    if spacing is None:
-        return None
-    section = representative_section(mask, spacing)
+    section = representative_section(mask, spacing or (1.0, 1.0))
     header = headers[section.index]
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: a polygon (SCOORD has no POLYGON)
@@ -724,7 +722,9 @@ def _planar_group(
                 unit=SQUARE_MILLIMETER,
                 algorithm_id=algorithm,
             )
-        ],
+        ]
+        if spacing is not None
+        else None,
     )
 
 
@@ -849,9 +849,9 @@ def build_report(
             )
         if bool(np.any(findings.masks[SUBTYPES.index(name)])):
             # Where viewers draw the finding: its outline on its largest slice.
-            planar = _planar_group(findings, headers, name, tracking_uid, algorithm, frame_numbers)
-            if planar is not None:
-                groups.append(planar)
+            groups.append(
+                _planar_group(findings, headers, name, tracking_uid, algorithm, frame_numbers)
+            )
 
     evidence: list[Dataset] = list(headers)
     if seg is not None:
@@ -891,18 +891,30 @@ def _report(
     *,
     complete: bool,
 ) -> hd.sr.Comprehensive3DSR:
+    placed, unplaced = _split_by_image_region(groups)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=codes.LN.HeadCT,
-        imaging_measurements=groups,
+        imaging_measurements=placed or unplaced,  # highdicom wants at least one group
     )
-    if notes:
+    if not placed:
+        # No finding with an image region: the report has no Imaging Measurements
+        # container (TID 1500 then needs the Qualitative Evaluations one, below).
+        report[0].ContentSequence = hd.sr.ContentSequence(
+            [
+                item
+                for item in report[0].ContentSequence
+                if item.name != codes.DCM.ImagingMeasurements
+            ]
+        )
+    if unplaced or notes:
         container = hd.sr.ContainerContentItem(
             name=QUALITATIVE_EVALUATIONS,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
         container.ContentSequence = hd.sr.ContentSequence(
-            [
+            [cast(hd.sr.ContentItem, group[0]) for group in unplaced]
+            + [
                 hd.sr.TextContentItem(
                     name=codes.DCM.Comment,
                     value=_clean_note(note),
@@ -929,6 +941,34 @@ def _report(
     if evidence[0].get("StudyDescription"):
         sr.StudyDescription = evidence[0].StudyDescription
     return sr
+
+
+Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _split_by_image_region(groups: Sequence[Group]) -> tuple[list[Group], list[Group]]:
+    """The groups of findings with an image region, and the others.
+
+    Viewers that draw TID 1500 reports (OHIF v3) merge the measurement groups
+    of the Imaging Measurements container by tracking UID and need image
+    coordinates in each merged finding: a finding without any (the series
+    summary, a subtype found with an empty mask, a not-analysed series) stops
+    them from drawing the report. Those groups go, unchanged, into the report's
+    Qualitative Evaluations container, where readers that walk the whole tree
+    (``ui.stored``, ``node.notify``) still find them.
+    """
+    placed_uids = {
+        str(group.tracking_uid)
+        for group in groups
+        if isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+    }
+    placed = [g for g in groups if str(g.tracking_uid) in placed_uids]
+    unplaced = [g for g in groups if str(g.tracking_uid) not in placed_uids]
+    return placed, unplaced
 
 
 def _clean_note(note: str) -> str:

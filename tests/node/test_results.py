@@ -11,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
@@ -53,6 +54,30 @@ def _by_class(paths: list[Path]) -> dict[str, list[pydicom.Dataset]]:
 def _code_value(value: object) -> str:
     assert isinstance(value, hd.sr.CodedConcept), value
     return str(value.value)
+
+
+def _unplaced_groups(
+    report: hd.sr.MeasurementReport,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The measurement groups of the report's Qualitative Evaluations container.
+
+    Findings without an image region (the series summary, a subtype found with
+    an empty mask) sit there, outside Imaging Measurements, where OHIF looks only
+    for findings it can draw.
+    """
+    groups = []
+    for item in report[0].ContentSequence:
+        if item.name != results.QUALITATIVE_EVALUATIONS:
+            continue
+        for child in item.ContentSequence:
+            if child.ValueType == "CONTAINER" and child.name == codes.DCM.MeasurementGroup:
+                groups.append(hd.sr.MeasurementsAndQualitativeEvaluations.from_sequence([child]))
+    return groups
+
+
+def _imaging_measurements(report: hd.sr.MeasurementReport) -> list[Dataset]:
+    """The Imaging Measurements containers of a report (none or one)."""
+    return [i for i in report[0].ContentSequence if i.name == codes.DCM.ImagingMeasurements]
 
 
 def _assert_valid(paths: list[Path], dciodvfy: Checker, dcmdump: Callable[[Path], str]) -> None:
@@ -128,7 +153,11 @@ def test_negative_series_gives_only_a_report_stating_absence(
     sr = hd.sr.srread(paths[0])
     report = cast(hd.sr.MeasurementReport, sr.content)
     assert report.get_volumetric_roi_measurement_groups() == []
-    (summary,) = report.get_image_measurement_groups()
+    # nothing to draw: no Imaging Measurements container, the summary is a
+    # qualitative evaluation of the report
+    assert report.get_image_measurement_groups() == []
+    assert _imaging_measurements(report) == []
+    (summary,) = _unplaced_groups(report)
     evaluations = {
         q.name.value: _code_value(q.value) for q in summary.get_qualitative_evaluations()
     }
@@ -192,11 +221,14 @@ def test_sr_round_trip_groups_codes_volumes_and_references(tmp_path: Path) -> No
     assert observer.observer_type == codes.DCM.Device
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
-    (summary,) = report.get_image_measurement_groups()
+    (summary,) = _unplaced_groups(report)
+    assert report.get_image_measurement_groups() == []
     evaluations = {
         q.name.value: _code_value(q.value) for q in summary.get_qualitative_evaluations()
     }
     assert evaluations[codes.SCT.IntracranialHemorrhage.value] == codes.SCT.Present.value
+    (probability,) = summary.get_measurements(name=codes.DCM.Probability)
+    assert probability.value == pytest.approx(findings.hemorrhage_probability)
     for name in SUBTYPES:
         expected = codes.SCT.Present if name in masks else codes.SCT.Absent
         assert evaluations[results.SUBTYPE_CODES[name].value] == expected.value
@@ -243,9 +275,12 @@ def test_present_subtype_with_empty_mask_is_reported_without_segment(tmp_path: P
     assert [ds.SOPClassUID for ds in objects] == [Comprehensive3DSRStorage]
     paths = results.write_datasets(objects, tmp_path)
     report = cast(hd.sr.MeasurementReport, hd.sr.srread(paths[0]).content)
-    groups = report.get_image_measurement_groups()
+    assert _imaging_measurements(report) == []
+    groups = _unplaced_groups(report)
     assert len(groups) == 2
     assert groups[1].finding_type == results.SUBTYPE_CODES["subarachnoid"]
+    (volume,) = groups[1].get_measurements(name=codes.SCT.Volume)
+    assert volume.value == 0.0
 
 
 @pytest.mark.interop
@@ -515,6 +550,12 @@ def test_sr_outlines_each_finding_on_its_largest_slice(tmp_path: Path) -> None:
         (area,) = group.get_measurements(name=codes.SCT.Area)
         assert (area.unit.value, area.unit.scheme_designator) == ("mm2", "UCUM")
         assert area.value == pytest.approx(inside.sum() * 0.8 * 0.8)
+    # every finding in Imaging Measurements has an outline: OHIF draws them all
+    planar_uids = {g.tracking_uid for g in planar}
+    placed = report.get_image_measurement_groups() + list(volumetric.values())
+    assert {g.tracking_uid for g in placed} <= planar_uids
+    (container,) = _imaging_measurements(report)
+    assert len(container.ContentSequence) == 4  # two volumetric, two planar
     subdural = next(g for g in planar if g.finding_type == results.SUBTYPE_CODES["subdural"])
     # the crescent (40 x 4 px), not the smaller piece beside it
     assert _polygon_pixels(subdural.roi.value, (64, 64)).sum() == 160
