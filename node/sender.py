@@ -15,7 +15,11 @@ for them.
 A failed try is retried with exponential backoff (``[delivery]``
 ``backoff_initial_seconds`` doubling up to ``backoff_max_seconds``); a delivery
 older than ``max_age_hours`` becomes ``dead`` until ``ichnode outbox retry``.
-Everything it knows lives in the index, so a restart loses nothing.
+Everything it knows lives in the index, so a restart loses nothing. Each
+delivery is claimed just before it is sent (:func:`storage.queue.claim_delivery`:
+a lease on ``next_attempt_at``, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so
+several senders sharing one index never send the same row at once; the lease
+of a sender that died runs out after three delivery timeouts and 30 seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +47,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.association import Association
-from sqlalchemy import case, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import DeliverySettings, DestinationSettings, NotificationSettings
@@ -57,7 +61,8 @@ from node.notify import (
 )
 from node.tls import client_tls_args
 from storage.index import Index
-from storage.models import Delivery, DeliveryState, Result, ResultKind
+from storage.models import Delivery, DeliveryState
+from storage.queue import claim_delivery
 
 if TYPE_CHECKING:
     from node.service import NodeService
@@ -81,7 +86,6 @@ _RESULT_SOP_CLASSES = (
 )
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-_KIND_ORDER = case((Result.kind == ResultKind.SR, 0), (Result.kind == ResultKind.SEG, 1), else_=2)
 
 # An idle association is released after this many seconds.
 IDLE_RELEASE_SECONDS = 10.0
@@ -306,26 +310,27 @@ class Sender:
     name = "sender"
 
     # -- one pass ---------------------------------------------------------
-    def _due(self, now: dt.datetime, limit: int) -> list[tuple[int, str, str, bool, int]]:
-        with self.index.session(readonly=True) as session:
-            rows = session.execute(
-                select(
-                    Delivery.id,
-                    Delivery.destination,
-                    Result.path,
-                    Result.superseded,
-                    Delivery.result_id,
-                )
-                .join(Result, Result.id == Delivery.result_id)
-                .where(
-                    Delivery.state == DeliveryState.PENDING,
-                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-                )
-                # Oldest job first; within a job the SR (the finding) before SEG and key images.
-                .order_by(Result.job_id, _KIND_ORDER, Delivery.id)
-                .limit(limit)
-            ).all()
-        return [(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+    def _due(self, now: dt.datetime, limit: int) -> Iterator[tuple[int, str, str, bool, int]]:
+        """Claim the deliveries due at ``now`` one at a time, at most ``limit``.
+
+        Each is leased to this sender (:func:`storage.queue.claim_delivery`,
+        ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) just before it is sent, so
+        senders in other processes sharing the index never send it as well;
+        :meth:`_record` or :meth:`_mark_dead` replaces the lease with the outcome.
+        """
+        lease = 3 * self.delivery.timeout_seconds + 30.0
+        for _ in range(limit):
+            with self.index.session() as session:
+                claimed = claim_delivery(session, lease, utcnow(), due_at=now)
+            if claimed is None:
+                return
+            yield (
+                claimed.id,
+                claimed.destination,
+                claimed.path,
+                claimed.superseded,
+                claimed.result_id,
+            )
 
     def _record(self, delivery_id: int, ok: bool, error: str, outcome: SendOutcome) -> None:
         now = utcnow()

@@ -72,6 +72,7 @@ class ClaimedDelivery:
     path: str
     superseded: bool
     lease_until: dt.datetime
+    result_id: int = 0
 
 
 def claim_job(
@@ -122,17 +123,25 @@ def claim_job(
 
 
 def claim_delivery(
-    session: Session, lease_seconds: float, now: dt.datetime | None = None
+    session: Session,
+    lease_seconds: float,
+    now: dt.datetime | None = None,
+    *,
+    due_at: dt.datetime | None = None,
 ) -> ClaimedDelivery | None:
     """Take the next due pending delivery for ``lease_seconds``; ``None`` when there is none.
 
     Order: oldest job first, and within a job SR, SEG, then key images. The
-    row stays ``pending`` with ``next_attempt_at`` moved to the end of the
+    row stays ``pending`` with ``next_attempt_at`` moved to ``now`` plus the
     lease, so no other sender takes it meanwhile; the claimant records the
-    outcome, which replaces the lease. The caller commits.
+    outcome, which replaces the lease. ``due_at`` (default ``now``) is the
+    time a row must be due by: a sender passes the start of its pass, so a
+    row it retried during the pass is not taken again in the same pass. The
+    caller commits.
     """
     now = now or utcnow()
-    is_due = or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now)
+    due_by = due_at or now
+    is_due = or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= due_by)
     due = (
         select(Delivery.id)
         .join(Result, Result.id == Delivery.result_id)
@@ -161,4 +170,5 @@ def claim_delivery(
         path=str(path),
         superseded=bool(superseded),
         lease_until=lease_until,
+        result_id=int(row.result_id),
     )

@@ -142,7 +142,14 @@ def test_delivery_lease_keeps_other_senders_off_until_it_runs_out(index: Index) 
         session.get_one(Delivery, seg).state = DeliveryState.SENT
     with index.session() as session:
         later = claim_delivery(session, 60, at(100))  # SR leased again until 120
-        assert later is not None and later.id == sc
+        assert later is not None and later.id == sc and later.result_id > 0
+        # A sender's pass judges due-ness at its start: a row it retried during
+        # the pass (due again at 170) is not taken twice in that pass.
+        session.get_one(Delivery, sr).state = DeliveryState.SENT
+        session.get_one(Delivery, sc).next_attempt_at = at(170)
+        assert claim_delivery(session, 60, at(180), due_at=at(160)) is None
+        again = claim_delivery(session, 60, at(180), due_at=at(180))
+        assert again is not None and again.id == sc and again.lease_until == at(240)
 
 
 def _claim_rounds(url: str, kind: str, out: str, start: Any) -> None:
