@@ -114,6 +114,44 @@ def _as_postgres_user() -> list[str]:
     return ["su", "postgres", "-s", "/bin/sh", "-c", 'exec "$0" "$@"']
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphaned_clusters(bin_dir: Path, as_user: list[str]) -> list[Path]:
+    """Stop and remove clusters left by test runs that were killed (no ``finally`` ran).
+
+    Each cluster folder holds ``owner.pid``, the test process that made it; a
+    folder whose owner is gone is stopped (``pg_ctl -m immediate``) and removed.
+    Folders of running test sessions are left alone.
+    """
+    reaped = []
+    for folder in Path(tempfile.gettempdir()).glob("ichnode-pg-*"):
+        try:
+            owner = int((folder / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue  # being created, or not ours
+        if _pid_alive(owner):
+            continue
+        if (folder / "data" / "postmaster.pid").exists():
+            subprocess.run(
+                [*as_user, str(bin_dir / "pg_ctl"), "-D", str(folder / "data")]
+                + ["-m", "immediate", "-w", "-t", "30", "stop"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        shutil.rmtree(folder, ignore_errors=True)
+        reaped.append(folder)
+    return reaped
+
+
 def start_postgres() -> tuple[PostgresServer, Path]:
     """Create and start a cluster in a new temporary folder; return it and the folder."""
     bin_dir = pg_bin_dir()
@@ -134,8 +172,10 @@ def start_postgres() -> tuple[PostgresServer, Path]:
             pw = pwd.getpwnam("postgres")
         except KeyError:
             missing("running as root and there is no 'postgres' user to run PostgreSQL as")
+    reap_orphaned_clusters(bin_dir, as_user)
     # Under /tmp (world-traversable), not pytest's root-only tmp_path.
     root = Path(tempfile.mkdtemp(prefix="ichnode-pg-"))
+    (root / "owner.pid").write_text(str(os.getpid()))
     if as_user:
         os.chown(root, pw.pw_uid, pw.pw_gid)
     data_dir, socket_dir = root / "data", root
