@@ -988,7 +988,10 @@ def finish(
     )
 
     model.eval()
-    version = args.version or f"{ICHNODE_VERSION}+{args.data}.s{args.seed}.{args.steps}"
+    # The recipe's switches that change what the network learns are in the name, so
+    # two weights files of one data set, seed and length are told apart.
+    recipe = ".mn" if getattr(args, "matched_negatives", False) else ""
+    version = args.version or f"{ICHNODE_VERSION}+{args.data}.s{args.seed}.{args.steps}{recipe}"
     training = {
         "command": started_with,
         "seed": int(args.seed),
@@ -999,6 +1002,8 @@ def finish(
         "val_seeds": args.val_seeds if args.data == "phantom" else "",
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch": str(torch.__version__),
+        "matched_negatives": bool(getattr(args, "matched_negatives", False)),
+        "domain_augment": bool(getattr(args, "domain_augment", True)),
     }
     if args.resume:
         training["resumed_with"] = command
