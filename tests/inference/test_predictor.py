@@ -53,10 +53,16 @@ MUST_FIND = {"intraparenchymal": 6, "intraventricular": 6, "subarachnoid": 4,
              "subdural": 6, "epidural": 6}
 
 
-@pytest.mark.parametrize("subtype", SUBTYPES)
-def test_finds_bleeds_of_each_subtype_and_outlines_them(
-    predictor: Predictor, subtype: str
-) -> None:
+#: Median share of the painted bleed the outlines cover (the design target), and
+#: the floor below which a further fall of the subarachnoid outlines is caught.
+OVERLAP_TARGET = 0.6
+SUBARACHNOID_OVERLAP_FLOOR = 0.4  # measured 0.51 with 0.1.0+ctich.s1.400.mn
+SUBARACHNOID_VOLUME_FLOOR = 0.5  # measured 0.67
+
+
+def _find_and_outline(predictor: Predictor, subtype: str) -> tuple[float, float]:
+    """Check finding and masks on FIND_SEEDS; return the medians of the share of the
+    painted bleed the outline covers and of reported / painted volume."""
     i = SUBTYPES.index(subtype)
     found, overlaps, ratios = 0, [], []
     for seed in FIND_SEEDS:
@@ -75,11 +81,43 @@ def test_finds_bleeds_of_each_subtype_and_outlines_them(
         overlaps.append((findings.masks[i] & truth).sum() / max(1, truth.sum()))
         ratios.append(findings.subtypes[subtype].volume_ml / (float(truth.sum()) * voxel_ml))
     assert found >= MUST_FIND[subtype], found
-    # the outlines cover the painted bleed, and the volumes are close to it
-    assert float(np.median(overlaps)) > 0.6, overlaps
-    assert 0.67 < float(np.median(ratios)) < 1.5, ratios
     assert findings.model_version and len(findings.weights_sha256) == 64
     assert set(findings.thresholds) == set(CLASSES)
+    return float(np.median(overlaps)), float(np.median(ratios))
+
+
+@pytest.mark.parametrize(
+    "subtype",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="phantom regression of the real-CT weights (matched negatives): "
+                "subarachnoid outlines cover a median 0.51 of the painted sulcal blood "
+                "on these heads (target 0.6), volumes 0.67 of it (target 0.67-1.5) "
+                "(docs/MODEL_CARD.md)",
+            ),
+        )
+        if name == "subarachnoid"
+        else name
+        for name in SUBTYPES
+    ],
+)
+def test_finds_bleeds_of_each_subtype_and_outlines_them(
+    predictor: Predictor, subtype: str
+) -> None:
+    """The outlines cover the painted bleed, and the volumes are close to it."""
+    overlap, volume_ratio = _find_and_outline(predictor, subtype)
+    assert overlap > OVERLAP_TARGET
+    assert 0.67 < volume_ratio < 1.5
+
+
+def test_subarachnoid_outlines_do_not_fall_further(predictor: Predictor) -> None:
+    """Below the target (previous test), held to what was measured less a margin."""
+    overlap, volume_ratio = _find_and_outline(predictor, "subarachnoid")
+    assert overlap > SUBARACHNOID_OVERLAP_FLOOR
+    assert SUBARACHNOID_VOLUME_FLOOR < volume_ratio < 1.5
 
 
 def test_negative_head_is_negative(predictor: Predictor) -> None:
@@ -126,7 +164,7 @@ def _held_out(predictor: Predictor):  # type: ignore[no-untyped-def]
 def test_held_out_metrics(predictor: Predictor) -> None:
     """The bundled weights on 40 reserved phantom test seeds (about one minute).
 
-    The weights fine-tuned on real CT (0.1.0+ctich.s1.400) keep the phantom's
+    The weights fine-tuned on real CT (0.1.0+ctich.s1.400.mn) keep the phantom's
     ``any`` targets (AUC 0.98, sensitivity 0.95) and the intraparenchymal and
     intraventricular AUC target (0.95); subdural, epidural and the mean Dice fell
     below their targets (next test) and are held here to what was measured, less
@@ -139,16 +177,16 @@ def test_held_out_metrics(predictor: Predictor) -> None:
         assert results.series_labels[:, CLASSES.index(name)].any(), name
     for name in ("intraparenchymal", "intraventricular"):
         assert metrics[name].auc >= 0.95, name
-    # measured 0.939 and 0.93-0.94 (200 seeds: subdural 0.932, epidural 0.934)
+    # 200 seeds: subdural 0.950, epidural 0.939 (0.1.0+ctich.s1.400.mn)
     for name in ("subdural", "epidural"):
         assert metrics[name].auc >= 0.88, name
-    assert mean_dice(results.dice) >= 0.65  # 200 seeds: 0.716
+    assert mean_dice(results.dice) >= 0.65  # 200 seeds: 0.721
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="phantom regression of the real-CT weights: subdural and epidural series AUC "
-    "0.932 / 0.934 and mean Dice 0.716 on the 200 test seeds, against 0.95 and 0.75 "
+    reason="phantom regression of the real-CT weights: epidural series AUC 0.939 "
+    "(subdural 0.950) and mean Dice 0.721 on the 200 test seeds, against 0.95 and 0.75 "
     "(docs/MODEL_CARD.md)",
 )
 def test_held_out_phantom_targets_of_the_phantom_only_weights(predictor: Predictor) -> None:
