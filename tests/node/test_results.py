@@ -593,3 +593,25 @@ def test_sr_outline_of_enhanced_ct_names_the_frame(tmp_path: Path) -> None:
     assert reference.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
     assert int(reference.ReferencedFrameNumber) == order.index(5) + 1
     assert _polygon_pixels(group.roi.value, (rows, columns)).sum() == 400
+
+
+def test_readers_find_the_summary_outside_imaging_measurements(tmp_path: Path) -> None:
+    """The UI and the notifications read the series answer wherever the group sits."""
+    from node.notify import read_notice
+    from ui.stored import finding_from_sr
+
+    datasets = make_ct_series(6, 64)
+    for masks in (_two_subtype_masks(6, 64), {}):
+        findings = make_findings(datasets, masks)
+        objects = results.encode_results(findings, datasets, hu=hu_volume(datasets))
+        (sr,) = [ds for ds in objects if ds.SOPClassUID == Comprehensive3DSRStorage]
+        (path,) = results.write_datasets([sr], tmp_path / str(len(masks)))
+        stored = finding_from_sr(pydicom.dcmread(path))
+        assert stored.hemorrhage is bool(masks)
+        assert stored.probability == pytest.approx(findings.hemorrhage_probability)
+        notice = read_notice(path, str(datasets[0].SeriesInstanceUID))
+        assert notice.hemorrhage is bool(masks)
+        assert notice.probability == pytest.approx(findings.hemorrhage_probability)
+        for name in SUBTYPES:
+            assert stored.subtypes[name][0] is (name in masks)
+            assert notice.subtypes[name]["present"] is (name in masks)
