@@ -26,6 +26,7 @@ from tests.hardening.loadutil import storescu
 from tests.interop import REPO
 from tests.loop.harness import NodeRunner, wait_for
 from tests.loop.helpers import ct_dataset
+from tests.procmem import run_measured
 
 pytestmark = pytest.mark.interop
 
@@ -55,20 +56,19 @@ def _tiny(n: int, folder: Path) -> tuple[str, list[Path]]:
 
 
 def _analyze_peak_mb(folder: Path, out: Path) -> float:
-    """Peak resident size of one ``ichnode analyze`` process (its own, from wait4)."""
+    """Peak resident size of one ``ichnode analyze`` process (its own VmHWM)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICHNODE_")}
-    process = subprocess.Popen(
+    done = run_measured(
         [sys.executable, "-m", "node.cli", "analyze", "--json", "--device", "cpu"]
         + ["--out", str(out), str(folder)],
+        timeout=600,
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.returncode == 0
-    return usage.ru_maxrss / 1024
+    assert done.returncode == 0
+    return done.peak_rss_mb
 
 
 def test_analyze_peak_memory_does_not_grow_with_tiny_slices(tmp_path: Path) -> None:

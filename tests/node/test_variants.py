@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from inference.volume import (
 )
 from tests.interop import REPO, require_tool
 from tests.node.conftest import make_ct_series
+from tests.procmem import run_measured
 
 MATRIX = 64  # the test network's input size: small matrices keep every variant cheap
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -416,36 +416,29 @@ class Run:
 
 
 def run_analyze(*args: str, timeout: float = 600) -> Run:
-    """``python -m node.cli analyze ARGS`` as a subprocess; its own peak RSS from wait4."""
+    """``python -m node.cli analyze ARGS`` as a subprocess, with its own peak RSS
+    (VmHWM polled while it runs, :mod:`tests.procmem`)."""
     with (
         open(os.devnull, "rb") as stdin,
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
     ):
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "analyze", *args],
-            stdin=stdin,
-            stdout=out,
-            stderr=err,
-            cwd=REPO,
-        )
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > start + timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                pytest.fail(f"ichnode analyze ran longer than {timeout} s")
-            time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        seconds = time.monotonic() - start
+        try:
+            done = run_measured(
+                [sys.executable, "-m", "node.cli", "analyze", *args],
+                timeout=timeout,
+                stdin=stdin,
+                stdout=out,
+                stderr=err,
+                cwd=REPO,
+            )
+        except TimeoutError as exc:
+            pytest.fail(str(exc))
         texts = []
         for file in (out, err):
             file.seek(0)
             texts.append(file.read().decode("utf-8", errors="replace"))
-    return Run(proc.returncode, texts[0], texts[1], seconds, usage.ru_maxrss / 1024.0)
+    return Run(done.returncode, texts[0], texts[1], done.seconds, done.peak_rss_mb)
 
 
 def parse_document(stdout: str) -> dict[str, dict[str, Any]]:
