@@ -19,17 +19,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.sr.codedict import codes
 from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
@@ -42,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "ichnode.notification/1"
 SUBTYPE_NAMES = ("intraparenchymal", "intraventricular", "subarachnoid", "subdural", "epidural")
-NOT_ANALYSED = "not analysed"  # the statement prefix of node.results.NOT_ANALYSED
+#: The statement prefix of a "not analysed" report (node.results.NOT_ANALYSED).
+NOT_ANALYSED = "not analysed"
 
 # MLLP framing (HL7 v2 Minimal Lower Layer Protocol): <VT> message <FS><CR>.
 MLLP_START = b"\x0b"
@@ -52,42 +51,6 @@ HL7_ACCEPTED = {"AA", "CA"}
 
 
 # -- reading the SR -----------------------------------------------------------
-
-
-def _key(code: Any) -> tuple[str, str]:
-    return (str(getattr(code, "scheme_designator", "")), str(getattr(code, "value", "")))
-
-
-def _item_code(item: Dataset, keyword: str) -> tuple[str, str] | None:
-    sequence = item.get(keyword)
-    if not sequence:
-        return None
-    return (str(sequence[0].CodingSchemeDesignator), str(sequence[0].CodeValue))
-
-
-def _concepts() -> dict[tuple[str, str], str]:
-    from node.results import SUBTYPE_CODES
-
-    out = {_key(codes.SCT.IntracranialHemorrhage): "any"}
-    out.update({_key(code): name for name, code in SUBTYPE_CODES.items()})
-    return out
-
-
-def _walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
-    for item in items:
-        yield item
-        yield from _walk(item.get("ContentSequence", []))
-
-
-def _number(item: Dataset) -> float | None:
-    sequence = item.get("MeasuredValueSequence")
-    if not sequence:
-        return None
-    try:
-        value = float(sequence[0].NumericValue)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -121,49 +84,14 @@ def read_notice(sr_path: Path, series_instance_uid: str) -> Notice:
         ds = dcmread(sr_path)
     except (OSError, InvalidDicomError) as exc:
         raise ValueError(f"cannot read the report {sr_path}: {exc}") from exc
-    if "ContentSequence" not in ds:
-        raise ValueError(f"{sr_path} is not a structured report")
-    concepts = _concepts()
-    present_key, absent_key = _key(codes.SCT.Present), _key(codes.SCT.Absent)
-    finding_key, group_key = _key(codes.DCM.Finding), _key(codes.DCM.MeasurementGroup)
-    volume_key, probability_key = _key(codes.SCT.Volume), _key(codes.DCM.Probability)
-    presence: dict[str, bool] = {}
-    probability: dict[str, float] = {}
-    volume: dict[str, float] = {}
-    reason = None
-    for item in _walk(ds.ContentSequence):
-        value_type = item.get("ValueType", "")
-        concept = _item_code(item, "ConceptNameCodeSequence")
-        if value_type == "TEXT" and str(item.get("TextValue", "")).startswith(NOT_ANALYSED):
-            reason = str(item.TextValue)
-        if value_type == "CODE" and concept in concepts:
-            answer = _item_code(item, "ConceptCodeSequence")
-            if answer in (present_key, absent_key):
-                presence[concepts[concept]] = answer == present_key
-        if value_type == "CONTAINER" and concept == group_key:
-            children = list(item.get("ContentSequence", []))
-            found = next(
-                (
-                    _item_code(c, "ConceptCodeSequence")
-                    for c in children
-                    if _item_code(c, "ConceptNameCodeSequence") == finding_key
-                ),
-                None,
-            )
-            name = concepts.get(found) if found else None
-            if name is None:
-                continue
-            for child in children:
-                if child.get("ValueType") != "NUM":
-                    continue
-                number = _number(child)
-                kind = _item_code(child, "ConceptNameCodeSequence")
-                if number is None:
-                    continue
-                if kind == probability_key:
-                    probability[name] = number
-                elif kind == volume_key:
-                    volume[name] = number
+    from node.results import read_report  # highdicom only where an SR is read
+
+    try:
+        reading = read_report(ds)
+    except ValueError as exc:
+        raise ValueError(f"{sr_path}: {exc}") from exc
+    presence, probability, volume = reading.presence, reading.probability, reading.volume_ml
+    reason = reading.not_analysed
     if "any" in presence:
         event = "positive" if presence["any"] else "negative"
         reason = None

@@ -992,6 +992,108 @@ def report_notes(report: Dataset) -> list[str]:
     return notes
 
 
+@dataclass(frozen=True)
+class ReportReading:
+    """What an ichnode TID 1500 SR states, read back from its content tree.
+
+    ``presence``: the concepts stated present (True) or absent (False), ``"any"``
+    for intracranial hemorrhage and the subtype names; ``probability`` and
+    ``volume_ml``: the NUM items of the measurement groups whose Finding is that
+    concept; ``not_analysed``: the "not analysed: <reason>" statement, if any.
+    """
+
+    presence: dict[str, bool]
+    probability: dict[str, float]
+    volume_ml: dict[str, float]
+    not_analysed: str | None
+
+
+def _code_key(code: object) -> tuple[str, str]:
+    return (str(getattr(code, "scheme_designator", "")), str(getattr(code, "value", "")))
+
+
+def _item_code(item: Dataset, keyword: str) -> tuple[str, str] | None:
+    sequence = item.get(keyword)
+    if not sequence:
+        return None
+    return (str(sequence[0].CodingSchemeDesignator), str(sequence[0].CodeValue))
+
+
+def _content_items(items: Sequence[Dataset]) -> list[Dataset]:
+    found: list[Dataset] = []
+    for item in items:
+        found.append(item)
+        found.extend(_content_items(item.get("ContentSequence", [])))
+    return found
+
+
+def _numeric_value(item: Dataset) -> float | None:
+    sequence = item.get("MeasuredValueSequence")
+    if not sequence:
+        return None
+    try:
+        value = float(sequence[0].NumericValue)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def read_report(report: Dataset) -> ReportReading:
+    """Read an ichnode SR back: the one reader of the viewer and the notifications.
+
+    Raises
+    ------
+    ValueError
+        When ``report`` is not a structured report (no Content Sequence).
+    """
+    if "ContentSequence" not in report:
+        raise ValueError("not a structured report (no Content Sequence)")
+    concepts = {_code_key(codes.SCT.IntracranialHemorrhage): "any"}
+    concepts.update({_code_key(code): name for name, code in SUBTYPE_CODES.items()})
+    present, absent = _code_key(codes.SCT.Present), _code_key(codes.SCT.Absent)
+    finding_key = _code_key(codes.DCM.Finding)
+    group_key = _code_key(codes.DCM.MeasurementGroup)
+    volume_key, probability_key = _code_key(codes.SCT.Volume), _code_key(codes.DCM.Probability)
+    presence: dict[str, bool] = {}
+    probability: dict[str, float] = {}
+    volume: dict[str, float] = {}
+    statement = None
+    for item in _content_items(report.ContentSequence):
+        value_type = item.get("ValueType", "")
+        concept = _item_code(item, "ConceptNameCodeSequence")
+        if value_type == "TEXT" and str(item.get("TextValue", "")).startswith(NOT_ANALYSED):
+            statement = str(item.TextValue)
+        if value_type == "CODE" and concept in concepts:
+            answer = _item_code(item, "ConceptCodeSequence")
+            if answer in (present, absent):
+                presence[concepts[concept]] = answer == present
+        if value_type == "CONTAINER" and concept == group_key:
+            children = list(item.get("ContentSequence", []))
+            finding = next(
+                (
+                    _item_code(child, "ConceptCodeSequence")
+                    for child in children
+                    if _item_code(child, "ConceptNameCodeSequence") == finding_key
+                ),
+                None,
+            )
+            name = concepts.get(finding) if finding else None
+            if name is None:
+                continue
+            for child in children:
+                if child.get("ValueType") != "NUM":
+                    continue
+                kind = _item_code(child, "ConceptNameCodeSequence")
+                number = _numeric_value(child)
+                if number is None:
+                    continue
+                if kind == probability_key:
+                    probability[name] = number
+                elif kind == volume_key:
+                    volume[name] = number
+    return ReportReading(presence, probability, volume, statement)
+
+
 def build_not_analysed_report(
     source_datasets: Sequence[Dataset],
     reason: str,

@@ -11,20 +11,17 @@ them on demand.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.sr.codedict import codes
 
 from config import Settings
 from inference.findings import SUBTYPES, SubtypeFinding
 from inference.volume import SeriesSkipped, load_volume
-from node.results import NOT_ANALYSED, SUBTYPE_CODES, report_notes
+from node.results import NOT_ANALYSED, read_report, report_notes
 from storage.index import Index
 from ui.series import ViewerData, masks_from_seg
 from ui.worklist import ResultFile, StoredFinding, result_files
@@ -41,44 +38,6 @@ class SeriesUnavailable(RuntimeError):
         self.datasets = datasets or []
 
 
-def _key(code: object) -> tuple[str, str]:
-    return (str(getattr(code, "scheme_designator", "")), str(getattr(code, "value", "")))
-
-
-def _item_code(item: Dataset, keyword: str) -> tuple[str, str] | None:
-    sequence = item.get(keyword)
-    if not sequence:
-        return None
-    return (str(sequence[0].CodingSchemeDesignator), str(sequence[0].CodeValue))
-
-
-_CONCEPTS: dict[tuple[str, str], str] = {_key(codes.SCT.IntracranialHemorrhage): "any"}
-_CONCEPTS.update({_key(code): name for name, code in SUBTYPE_CODES.items()})
-_PRESENT = _key(codes.SCT.Present)
-_ABSENT = _key(codes.SCT.Absent)
-_FINDING = _key(codes.DCM.Finding)
-_GROUP = _key(codes.DCM.MeasurementGroup)
-_VOLUME = _key(codes.SCT.Volume)
-_PROBABILITY = _key(codes.DCM.Probability)
-
-
-def _walk(items: Iterator[Dataset] | list[Dataset]) -> Iterator[Dataset]:
-    for item in items:
-        yield item
-        yield from _walk(item.get("ContentSequence", []))
-
-
-def _number(item: Dataset) -> float | None:
-    sequence = item.get("MeasuredValueSequence")
-    if not sequence:
-        return None
-    try:
-        value = float(sequence[0].NumericValue)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def finding_from_sr(ds: Dataset) -> StoredFinding:
     """Read the hemorrhage and subtype findings back from an ichnode TID 1500 SR.
 
@@ -91,42 +50,8 @@ def finding_from_sr(ds: Dataset) -> StoredFinding:
     ValueError
         When ``ds`` is not a structured report or states nothing about hemorrhage.
     """
-    if "ContentSequence" not in ds:
-        raise ValueError("not a structured report (no Content Sequence)")
-    presence: dict[str, bool] = {}
-    probability: dict[str, float] = {}
-    volume: dict[str, float] = {}
-    for item in _walk(ds.ContentSequence):
-        value_type = item.get("ValueType", "")
-        concept = _item_code(item, "ConceptNameCodeSequence")
-        if value_type == "CODE" and concept in _CONCEPTS:
-            answer = _item_code(item, "ConceptCodeSequence")
-            if answer in (_PRESENT, _ABSENT):
-                presence[_CONCEPTS[concept]] = answer == _PRESENT
-        if value_type == "CONTAINER" and concept == _GROUP:
-            children = list(item.get("ContentSequence", []))
-            finding = next(
-                (
-                    _item_code(child, "ConceptCodeSequence")
-                    for child in children
-                    if _item_code(child, "ConceptNameCodeSequence") == _FINDING
-                ),
-                None,
-            )
-            name = _CONCEPTS.get(finding) if finding else None
-            if name is None:
-                continue
-            for child in children:
-                if child.get("ValueType") != "NUM":
-                    continue
-                kind = _item_code(child, "ConceptNameCodeSequence")
-                number = _number(child)
-                if number is None:
-                    continue
-                if kind == _PROBABILITY:
-                    probability[name] = number
-                elif kind == _VOLUME:
-                    volume[name] = number
+    reading = read_report(ds)
+    presence, probability, volume = reading.presence, reading.probability, reading.volume_ml
     if "any" not in presence:
         raise ValueError("the report states no intracranial hemorrhage finding")
     subtypes = {

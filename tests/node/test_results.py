@@ -615,3 +615,35 @@ def test_readers_find_the_summary_outside_imaging_measurements(tmp_path: Path) -
         for name in SUBTYPES:
             assert stored.subtypes[name][0] is (name in masks)
             assert notice.subtypes[name]["present"] is (name in masks)
+
+
+def test_one_reader_gives_findings_volumes_and_the_not_analysed_statement(
+    tmp_path: Path,
+) -> None:
+    """node.results.read_report reads back what build_results and
+    build_not_analysed_report wrote; the notifications' statement prefix is the
+    writer's."""
+    from node import notify
+
+    datasets = make_ct_series(6, 64)
+    masks = _two_subtype_masks(6, 64)
+    findings = make_findings(datasets, masks)
+    objects = results.encode_results(findings, datasets, hu=hu_volume(datasets))
+    (sr,) = [ds for ds in objects if ds.SOPClassUID == Comprehensive3DSRStorage]
+    reading = results.read_report(sr)
+    assert reading.presence["any"] is True and reading.not_analysed is None
+    for name in SUBTYPES:
+        assert reading.presence[name] is (name in masks)
+        if name in masks:
+            assert reading.volume_ml[name] == pytest.approx(findings.subtypes[name].volume_ml)
+            assert reading.probability[name] == pytest.approx(
+                findings.subtypes[name].probability
+            )
+    nothing = results.build_not_analysed_report(datasets, "no PixelSpacing", findings)
+    reading = results.read_report(nothing)
+    assert reading.presence == {} and reading.not_analysed is not None
+    assert reading.not_analysed.startswith(results.NOT_ANALYSED)
+    assert "no PixelSpacing" in reading.not_analysed
+    assert notify.NOT_ANALYSED == results.NOT_ANALYSED
+    with pytest.raises(ValueError, match="not a structured report"):
+        results.read_report(datasets[0])
