@@ -1,6 +1,6 @@
 """``make bench``: run every benchmark, then write the summary of ``docs/BENCHMARKS.md``.
 
-``python -m bench.run_all`` runs ``bench.ingest``, ``bench.latency`` and
+``python -m bench.run_all`` runs ``bench.ingest``, ``bench.latency`` (also with ``--thin``) and
 ``bench.inference`` one after the other, each in its own process (each rewrites
 its own section of ``docs/BENCHMARKS.md`` and its ``bench/results/NAME.json``),
 then rewrites the ``summary`` section at the top of the file from
@@ -31,7 +31,14 @@ from bench.common import REPO, machine, write_benchmark_section
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS: tuple[str, ...] = ("ingest", "latency", "inference")
+BENCHMARKS: tuple[str, ...] = ("ingest", "latency", "latency-thin", "inference")
+#: How each benchmark is run: ``python -m bench.MODULE ARGS``.
+COMMANDS: dict[str, tuple[str, list[str]]] = {
+    "ingest": ("ingest", []),
+    "latency": ("latency", []),
+    "latency-thin": ("latency", ["--thin"]),
+    "inference": ("inference", []),
+}
 RESULTS = REPO / "bench" / "results"
 REPORT = REPO / "docs" / "BENCHMARKS.md"
 
@@ -53,8 +60,9 @@ class Run:
 
 
 def run_benchmark(name: str, extra: list[str]) -> Run:
-    """Run ``python -m bench.NAME`` in its own process and return how it ended."""
-    command = [sys.executable, "-m", f"bench.{name}", *extra]
+    """Run benchmark ``name`` (see :data:`COMMANDS`) in its own process; how it ended."""
+    module, args = COMMANDS.get(name, (name, []))
+    command = [sys.executable, "-m", f"bench.{module}", *args, *extra]
     print(f"bench.run_all: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     started = time.monotonic()
     proc = subprocess.run(
@@ -157,6 +165,27 @@ def latency_row(doc: dict[str, Any] | None) -> str:
     )
 
 
+def thin_row(doc: dict[str, Any] | None) -> str | None:
+    """The figures-table row of the thin-series latency (``bench.latency --thin``)."""
+    if doc is None:
+        return None
+    lat = doc.get("latency_s", {})
+    p95 = lat.get("p95")
+    target = float(doc.get("target_p95_s", 20.0))
+    peak = doc.get("worker_peak_rss_mb")
+    peak_target = doc.get("target_worker_peak_rss_mb") or 3072
+    ok = None if p95 is None or peak is None else (
+        float(p95) <= target and float(peak) <= float(peak_target)
+    )
+    return (
+        f"| latency p95, thin series to SR acked (s) | {_fmt(p95, '{:.2f}')} | <= {target:g}; "
+        f"worker <= {float(peak_target) / 1024:g} GB | median "
+        f"{_fmt(lat.get('median'), '{:.2f}')}, {doc.get('series', '?')} series "
+        f"{doc.get('slices', '?')}x{doc.get('matrix', '?')} of {doc.get('slice_mm', '?')} mm; "
+        f"worker peak {_fmt(peak, '{:.0f}')} MB | {_verdict(ok)} | {_date(doc)} |"
+    )
+
+
 def inference_row(doc: dict[str, Any] | None) -> str:
     """The figures-table row of the inference benchmark."""
     if doc is None:
@@ -208,9 +237,12 @@ def summary_text(runs: list[Run], started: dt.datetime) -> str:
     info = machine()
     mem = memory_total_gib()
     load = os.getloadavg()
-    ingest, latency, inference = (load_result(n) for n in BENCHMARKS)
+    ingest, latency, thin, inference = (load_result(n) for n in BENCHMARKS)
     figures, peers = ingest_rows(ingest)
     figures.append(latency_row(latency))
+    thin_figure = thin_row(thin)
+    if thin_figure is not None:
+        figures.append(thin_figure)
     figures.append(inference_row(inference))
     soak = soak_row(load_result("soak"))
     if soak is not None:
@@ -249,7 +281,8 @@ def summary_text(runs: list[Run], started: dt.datetime) -> str:
         "",
         ("Targets: ingest at least as fast as Orthanc with fsync and index, single "
         "association and 8 in parallel (issue 2); latency p95 <= 10 s with default "
-        "settings (issue 5); inference of a 40-slice 512x512 series <= 3 s on CPU. "
+        "settings (issue 5); thin 320 x 0.625-mm series p95 <= 20 s with the worker "
+        "<= 3 GB (issue 14); inference of a 40-slice 512x512 series <= 3 s on CPU. "
         "Details of each below."),
     ]
     return "\n".join(lines) + "\n"

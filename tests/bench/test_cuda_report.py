@@ -54,3 +54,22 @@ def test_measuring_without_a_gpu_is_refused(
     assert cuda.main(["--json", str(out)]) == 2
     assert "no CUDA GPU" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_thin_latency_row_judges_both_targets() -> None:
+    doc = {
+        "latency_s": {"p95": 14.7, "median": 13.6},
+        "target_p95_s": 20.0,
+        "worker_peak_rss_mb": 2817.5,
+        "target_worker_peak_rss_mb": 3072,
+        "series": 10,
+        "slices": 320,
+        "matrix": 512,
+        "slice_mm": 0.625,
+        "machine": {"date": "2026-12-01 20:00 UTC"},
+    }
+    row = run_all.thin_row(doc)
+    assert row is not None and "| pass |" in row and "2818 MB" in row
+    assert "**FAIL**" in (run_all.thin_row({**doc, "worker_peak_rss_mb": 3500.0}) or "")
+    assert "**FAIL**" in (run_all.thin_row({**doc, "latency_s": {"p95": 25.0}}) or "")
+    assert run_all.thin_row(None) is None
