@@ -32,6 +32,7 @@ from tests.orthanc import Orthanc, running_orthanc
 pytestmark = pytest.mark.interop
 
 MAX_SLICES = 30  # the node's jobs.max_series_slices in this module
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 
 
 @dataclass(frozen=True)
@@ -262,5 +263,47 @@ def test_enhanced_ct_series_gets_seg_sr_and_key_images(loop: Loop, tmp_path: Pat
         assert [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient] == (
             pytest.approx([float(v) for v in singles[z].ImagePositionPatient], abs=1e-3)
         )
+    (sr,) = objects["SR"]
+    assert report_notes(sr) == []  # type: ignore[arg-type]
+
+
+def test_jpeg_lossless_series_gets_its_objects(loop: Loop, tmp_path: Path) -> None:
+    """The bleed phantom compressed as scanners send it (JPEG lossless, process 14
+    SV1, by DCMTK's dcmcjpeg) and sent in that transfer syntax: stored as sent,
+    analysed with the finding of its uncompressed twin; SEG, SR and key images
+    reach the PACS."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from tests.node.test_variants import jpeg_lossless
+
+    sent = _phantom(loop, tmp_path / "src", "jpeg", "same")
+    jpeg_lossless(sent.files)
+    assert dcmread(sent.files[0]).file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
+    # As a scanner holding compressed images sends: one presentation context, CT
+    # Image Storage in JPEG lossless SV1 only (DCMTK's storescu also proposes
+    # uncompressed, then cannot decompress for it).
+    scu = AE(ae_title="SCANNER")
+    scu.add_requested_context(CTImageStorage, [JPEG_LOSSLESS_SV1])
+    assoc = scu.associate("127.0.0.1", loop.node.port, ae_title=loop.node.ae_title)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(dcmread(path)).Status) for path in sent.files]
+    finally:
+        assoc.release()
+    assert statuses == [0] * len(sent.files), statuses
+    found = wait_for(
+        "SEG, SR and key images of the JPEG-lossless series",
+        lambda: _delivered(loop, sent, {"SEG", "SR", "SC"}),
+        300,
+    )
+    objects = _valid_objects(loop, found, tmp_path / "got")
+    row = loop.node.series(sent.series_instance_uid)
+    assert row is not None and row.status.value == "done" and row.hemorrhage is True
+    stored = loop.node.index.series_files(sent.series_instance_uid)
+    assert len(stored) == len(sent.files)
+    for item in stored:
+        header = dcmread(item.path, stop_before_pixels=True)
+        assert header.file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
     (sr,) = objects["SR"]
     assert report_notes(sr) == []  # type: ignore[arg-type]
