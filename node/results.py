@@ -487,6 +487,8 @@ def build_segmentation(
                 tracking_uid=hd.UID(),
                 tracking_id=f"ichnode {name} hemorrhage",
                 anatomic_regions=[codes.SCT.Brain],
+                # Viewers draw the segment in the colour of the key images and the UI.
+                display_color=hd.color.CIELabColor.from_rgb(*drawing.SUBTYPE_COLOURS[name]),
             )
         )
     indices = [SUBTYPES.index(name) for name in names]

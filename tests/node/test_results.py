@@ -187,6 +187,9 @@ def test_seg_round_trip_pixels_equal_masks(tmp_path: Path) -> None:
             "SCT",
         )
         assert item.SegmentAlgorithmType == "AUTOMATIC"
+        # drawn in the subtype's colour of the key images and the UI (CIELab, 16-bit)
+        colour = hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue)
+        assert colour.to_rgb() == pytest.approx(results.SUBTYPE_COLOURS[name], abs=1)
     # empty frames omitted: one frame per (slice, segment) with any voxel set
     expected_frames = sum(int(m.reshape(6, -1).any(axis=1).sum()) for m in masks.values())
     assert int(seg.NumberOfFrames) == expected_frames
