@@ -73,3 +73,16 @@ def test_thin_latency_row_judges_both_targets() -> None:
     assert "**FAIL**" in (run_all.thin_row({**doc, "worker_peak_rss_mb": 3500.0}) or "")
     assert "**FAIL**" in (run_all.thin_row({**doc, "latency_s": {"p95": 25.0}}) or "")
     assert run_all.thin_row(None) is None
+
+
+def test_notification_row_judges_its_target() -> None:
+    doc = {
+        "notification_s": {"series": 5, "median": 3.9, "p95": 4.4, "target_p95_s": 10.0},
+        "machine": {"date": "2026-12-01 20:10 UTC"},
+    }
+    row = run_all.notification_row(doc)
+    assert row is not None and "| pass |" in row and "5 positive series" in row
+    late = {**doc, "notification_s": {**doc["notification_s"], "p95": 12.0}}
+    assert "**FAIL**" in (run_all.notification_row(late) or "")
+    assert run_all.notification_row({"latency_s": {}}) is None
+    assert run_all.notification_row(None) is None
