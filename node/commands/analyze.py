@@ -65,6 +65,7 @@ class _Analyzer:
         self.out_dir = Path(args.out) if args.out else None
         self._predictor: Any = None
         self.limits = _limits()
+        self.report_not_analysed = _report_not_analysed()
 
     def predictor(self) -> Any:
         if self._predictor is None:
@@ -97,6 +98,39 @@ class _Analyzer:
                 f"cannot analyse: {type(exc).__name__}: {_first_line(exc)}",
             )
 
+    def _not_analysed_report(self, datasets: list[Dataset], reason: str) -> list[str]:
+        """With ``--out``: the "not analysed" SR of a skipped series the routing rules
+        would analyse, as ``ichnode serve`` sends it; the paths written."""
+        if (
+            self.out_dir is None
+            or not self.report_not_analysed
+            or not datasets
+            or reason == OWN_OUTPUT_REASON
+        ):
+            return []
+        from config import load_settings
+        from node.results import ResultsError, build_not_analysed_report, write_result_files
+        from node.routing import skip_reason
+
+        # As under ichnode serve: only a series the routing rules would analyse is
+        # answered (not an MR series, a localizer series or ichnode's own output).
+        if skip_reason(datasets[0], len(datasets), load_settings(None).routing) is not None:
+            return []
+        try:
+            report = build_not_analysed_report(datasets[:1], reason, self.predictor())
+        except (ResultsError, ValueError, AttributeError) as exc:
+            print(
+                f"ichnode analyze: no not-analysed report for a skipped series: {_first_line(exc)}",
+                file=sys.stderr,
+            )
+            return []
+        try:
+            return [str(path) for path in write_result_files(self.out_dir, [report])]
+        except OSError as exc:
+            raise AnalyzeError(
+                f"cannot write results to {self.out_dir}: {_first_line(exc)}"
+            ) from exc
+
     def _series(self, series_instance_uid: str, datasets: list[Dataset]) -> dict[str, Any]:
         from node.analysis import complete_analysis, load_series
         from node.results import write_result_files
@@ -110,7 +144,9 @@ class _Analyzer:
             analysis = complete_analysis(analysis, self.predictor(), build=self.out_dir is not None)
         reason = analysis.skipped or analysis.failed
         if reason is not None or analysis.findings is None:
-            return _skipped(datasets, series_instance_uid, reason or "cannot analyse")
+            entry = _skipped(datasets, series_instance_uid, reason or "cannot analyse")
+            entry["outputs"] = self._not_analysed_report(datasets, entry["skipped"])
+            return entry
         findings = analysis.findings
         outputs: list[str] = []
         missing: list[dict[str, str]] = []
@@ -141,6 +177,13 @@ class _Analyzer:
             len(outputs),
         )
         return entry
+
+
+def _report_not_analysed() -> bool:
+    """``jobs.report_not_analysed`` (embedded default, ``ICHNODE_JOBS__...`` override)."""
+    from config import load_settings
+
+    return bool(load_settings(None).jobs.report_not_analysed)
 
 
 def _limits() -> Any:

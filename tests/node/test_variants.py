@@ -29,7 +29,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 
 from inference.findings import CLASSES
 from inference.volume import (
@@ -40,6 +40,7 @@ from inference.volume import (
     read_series,
     source_frame,
 )
+from node.results import NOT_ANALYSED, report_notes
 from tests.interop import REPO, require_tool
 from tests.node.conftest import make_ct_series
 from tests.procmem import run_measured
@@ -541,7 +542,13 @@ def check_skipped(result: Analysed, name: str) -> str:
     assert variant.skipped in info.value.reason
     entry = result.entries[variant.series_instance_uid]
     assert entry["skipped"] == info.value.reason
-    assert entry["outputs"] == []
+    # Its answer is a "not analysed" SR saying why, as ichnode serve sends it.
+    (output,) = entry["outputs"]
+    report = pydicom.dcmread(output)
+    assert report.SOPClassUID == Comprehensive3DSRStorage
+    assert report.SeriesInstanceUID != variant.series_instance_uid
+    (note,) = report_notes(report)
+    assert note.startswith(NOT_ANALYSED) and info.value.reason in note
     assert f"{variant.series_instance_uid} skipped: {info.value.reason}" in result.run.stderr
     return info.value.reason
 
