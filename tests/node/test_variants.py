@@ -31,7 +31,6 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 
-from inference.findings import CLASSES
 from inference.volume import (
     AIR_HU,
     SeriesSkipped,
@@ -43,6 +42,7 @@ from inference.volume import (
 from node.results import NOT_ANALYSED, report_notes
 from tests.interop import REPO, require_tool
 from tests.node.conftest import make_ct_series
+from tests.node.test_analyze import _make_weights
 from tests.procmem import run_measured
 
 MATRIX = 64  # the test network's input size: small matrices keep every variant cheap
@@ -388,23 +388,10 @@ def build_variants(root: Path) -> dict[str, Variant]:
 
 
 def make_weights(path: Path, threshold: float) -> Path:
-    """A small randomly initialised network in the real weights format (input 64)."""
-    import torch
-
-    from inference.model import HemorrhageNet, ModelConfig
-    from inference.predictor import make_checkpoint
-
-    torch.manual_seed(1234)
-    net = HemorrhageNet(ModelConfig(base_width=8, input_size=MATRIX))
-    checkpoint = make_checkpoint(
-        net,
-        thresholds=dict.fromkeys(CLASSES, threshold),
-        version=f"test-threshold-{threshold}",
-        training={"purpose": "series variant tests"},
-        mask_threshold=0.5,
-    )
-    torch.save(checkpoint, path)
-    return path
+    """A small randomly initialised network in the real weights format (input 64,
+    the variants' matrix): threshold 0 makes every class present."""
+    assert MATRIX == 64  # the input size of the shared test network
+    return _make_weights(path, threshold)
 
 
 @dataclass
