@@ -873,37 +873,67 @@ class Index:
                 )
             if self._cached_series(meta) is not None:
                 return None
-            row = session.execute(
-                select(Study.study_instance_uid, Patient.patient_id, Patient.issuer_of_patient_id)
-                .select_from(Series)
-                .join(Study, Study.id == Series.study_pk)
-                .join(Patient, Patient.id == Study.patient_pk)
-                .where(Series.series_instance_uid == meta.series_instance_uid)
-            ).first()
-            if row is not None:
-                owner = InstanceOwner(row[0], meta.series_instance_uid, row[1], row[2])
-                reason = owner.conflict_with(meta)
-                return (
-                    None
-                    if reason is None
-                    else UIDConflictError(
-                        "SeriesInstanceUID", meta.series_instance_uid, owner, reason
-                    )
-                )
-            patient = session.execute(
-                select(Patient.patient_id, Patient.issuer_of_patient_id)
-                .select_from(Study)
-                .join(Patient, Patient.id == Study.patient_pk)
-                .where(Study.study_instance_uid == meta.study_instance_uid)
-            ).first()
-            if patient is not None:
-                owner = InstanceOwner(meta.study_instance_uid, "", patient[0], patient[1])
-                reason = owner.conflict_with(meta)
-                if reason is not None:
-                    return UIDConflictError(
-                        "StudyInstanceUID", meta.study_instance_uid, owner, reason
-                    )
+            series = self._series_row(session, meta.series_instance_uid)
+            if series is not None:
+                return self._series_conflict(series, meta)
+            study = self._study_row(session, meta.study_instance_uid)
+            if study is not None:
+                return self._study_conflict(study, meta)
         return None
+
+    @staticmethod
+    def _series_row(session: Session, series_instance_uid: str) -> Any:
+        """The series' id, study and patient (``id``, ``study_pk``, ``study_instance_uid``,
+        ``patient_id``, ``issuer_of_patient_id``), or ``None``."""
+        return session.execute(
+            select(
+                Series.id,
+                Series.study_pk,
+                Study.study_instance_uid,
+                Patient.patient_id,
+                Patient.issuer_of_patient_id,
+            )
+            .select_from(Series)
+            .join(Study, Study.id == Series.study_pk)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Series.series_instance_uid == series_instance_uid)
+        ).first()
+
+    @staticmethod
+    def _study_row(session: Session, study_instance_uid: str) -> Any:
+        """The study's id and patient (``id``, ``patient_id``, ``issuer_of_patient_id``),
+        or ``None``."""
+        return session.execute(
+            select(Study.id, Patient.patient_id, Patient.issuer_of_patient_id)
+            .select_from(Study)
+            .join(Patient, Patient.id == Study.patient_pk)
+            .where(Study.study_instance_uid == study_instance_uid)
+        ).first()
+
+    @staticmethod
+    def _series_conflict(series: Any, meta: InstanceMeta) -> UIDConflictError | None:
+        """A stored series (:meth:`_series_row`) of another study or patient than ``meta``."""
+        owner = InstanceOwner(
+            series.study_instance_uid,
+            meta.series_instance_uid,
+            series.patient_id,
+            series.issuer_of_patient_id,
+        )
+        reason = owner.conflict_with(meta)
+        if reason is None:
+            return None
+        return UIDConflictError("SeriesInstanceUID", meta.series_instance_uid, owner, reason)
+
+    @staticmethod
+    def _study_conflict(study: Any, meta: InstanceMeta) -> UIDConflictError | None:
+        """A stored study (:meth:`_study_row`) of another patient than ``meta``."""
+        owner = InstanceOwner(
+            meta.study_instance_uid, "", study.patient_id, study.issuer_of_patient_id
+        )
+        reason = owner.conflict_with(meta)
+        if reason is None:
+            return None
+        return UIDConflictError("StudyInstanceUID", meta.study_instance_uid, owner, reason)
 
     @staticmethod
     def _owner(session: Session, sop_instance_uid: str) -> InstanceOwner | None:
@@ -956,39 +986,20 @@ class Index:
             if touched.rowcount == 1:  # type: ignore[attr-defined]
                 return cached
             self._series_cache.pop(meta.series_instance_uid, None)  # deleted meanwhile
-        row = session.execute(
-            select(
-                Series.id,
-                Series.study_pk,
-                Study.study_instance_uid,
-                Patient.patient_id,
-                Patient.issuer_of_patient_id,
-            )
-            .join(Study, Study.id == Series.study_pk)
-            .join(Patient, Patient.id == Study.patient_pk)
-            .where(Series.series_instance_uid == meta.series_instance_uid)
-        ).first()
+        row = self._series_row(session, meta.series_instance_uid)
         if row is not None:
-            owner = InstanceOwner(row[2], meta.series_instance_uid, row[3], row[4])
-            reason = owner.conflict_with(meta)
-            if reason is not None:
+            conflict = self._series_conflict(row, meta)
+            if conflict is not None:
                 # One series of two studies or patients would mix their images.
-                raise UIDConflictError(
-                    "SeriesInstanceUID", meta.series_instance_uid, owner, reason
-                )
+                raise conflict
             session.execute(update(Series).where(Series.id == row.id).values(last_instance_at=now))
             return int(row.id), int(row.study_pk)
-        study = session.execute(
-            select(Study.id, Patient.patient_id, Patient.issuer_of_patient_id)
-            .join(Patient, Patient.id == Study.patient_pk)
-            .where(Study.study_instance_uid == meta.study_instance_uid)
-        ).first()
+        study = self._study_row(session, meta.study_instance_uid)
         if study is not None:
-            owner = InstanceOwner(meta.study_instance_uid, "", study[1], study[2])
-            reason = owner.conflict_with(meta)
-            if reason is not None:
-                raise UIDConflictError("StudyInstanceUID", meta.study_instance_uid, owner, reason)
-        study_pk = None if study is None else int(study[0])
+            conflict = self._study_conflict(study, meta)
+            if conflict is not None:
+                raise conflict
+        study_pk = None if study is None else int(study.id)
         if study_pk is None:
             patient_pk = session.execute(
                 select(Patient.id).where(
