@@ -64,8 +64,18 @@ class _Analyzer:
         self.precision = args.precision
         self.out_dir = Path(args.out) if args.out else None
         self._predictor: Any = None
-        self.limits = _limits()
-        self.report_not_analysed = _report_not_analysed()
+        # The [jobs] limits and report switch and the [routing] rules: embedded
+        # defaults with ICHNODE_* overrides, read once for the whole run.
+        from config import load_settings
+        from inference.volume import SeriesLimits
+
+        settings = load_settings(None)
+        jobs = settings.jobs
+        self.limits = SeriesLimits(
+            max_slices=jobs.max_series_slices, max_voxels=jobs.max_series_voxels
+        )
+        self.report_not_analysed = bool(jobs.report_not_analysed)
+        self.routing = settings.routing
 
     def predictor(self) -> Any:
         if self._predictor is None:
@@ -108,13 +118,12 @@ class _Analyzer:
             or reason == OWN_OUTPUT_REASON
         ):
             return []
-        from config import load_settings
         from node.results import ResultsError, build_not_analysed_report, write_result_files
         from node.routing import skip_reason
 
         # As under ichnode serve: only a series the routing rules would analyse is
         # answered (not an MR series, a localizer series or ichnode's own output).
-        if skip_reason(datasets[0], len(datasets), load_settings(None).routing) is not None:
+        if skip_reason(datasets[0], len(datasets), self.routing) is not None:
             return []
         try:
             report = build_not_analysed_report(datasets[:1], reason, self.predictor())
@@ -177,22 +186,6 @@ class _Analyzer:
             len(outputs),
         )
         return entry
-
-
-def _report_not_analysed() -> bool:
-    """``jobs.report_not_analysed`` (embedded default, ``ICHNODE_JOBS__...`` override)."""
-    from config import load_settings
-
-    return bool(load_settings(None).jobs.report_not_analysed)
-
-
-def _limits() -> Any:
-    """The ``[jobs]`` series size limits (embedded defaults, ``ICHNODE_JOBS__...`` overrides)."""
-    from config import load_settings
-    from inference.volume import SeriesLimits
-
-    jobs = load_settings(None).jobs
-    return SeriesLimits(max_slices=jobs.max_series_slices, max_voxels=jobs.max_series_voxels)
 
 
 def _summary_line(entry: dict[str, Any]) -> str:
