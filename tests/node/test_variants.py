@@ -43,6 +43,7 @@ from node.results import NOT_ANALYSED, report_notes
 from tests.interop import REPO, require_tool
 from tests.node.conftest import make_ct_series
 from tests.node.test_analyze import _make_weights
+from tests.node.test_analyze import write_series as save
 from tests.procmem import run_measured
 
 MATRIX = 64  # the test network's input size: small matrices keep every variant cheap
@@ -85,16 +86,6 @@ def set_unsigned_12bit(ds: Dataset, hu: np.ndarray) -> None:
     ds.HighBit = 11
     ds.RescaleIntercept = -1024
     ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
-
-
-def save(datasets: list[Dataset], folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def jpeg_lossless(paths: list[Path]) -> None:
