@@ -15,8 +15,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +26,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
+from storage.runtime import process_gone
+
 logger = logging.getLogger(__name__)
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
+#: An incoming file this old is removed at start-up whoever wrote it (seconds).
+STALE_INCOMING_SECONDS = 24 * 3600.0
 
 # DICOM UIDs are digits and dots; tolerate the letters some old devices use,
 # but never anything that could step out of the archive (slashes, "..").
@@ -200,8 +206,11 @@ class Archive:
         folder = final.parent
         # Unique per instance, process and thread: two associations sending the
         # same instance at once never share a temporary file.
+        # The holder (host:pid) is in the name: a receiver starting up removes only
+        # the leftovers of processes that are gone, never another receiver's file.
         tmp = self.incoming / (
-            f".incoming-{sop_instance_uid}-{os.getpid()}-{threading.get_ident()}.tmp"
+            f".incoming-{sop_instance_uid}~{socket.gethostname()}~{os.getpid()}"
+            f"~{threading.get_ident()}.tmp"
         )
         try:
             self._ensure_dir(self.incoming)
@@ -262,12 +271,41 @@ class Archive:
     def cleanup_incoming(self) -> int:
         """Remove temporary files left by a crash mid-write; return how many.
 
-        Only the incoming folder is read, so the cost does not grow with the archive.
+        Several receivers may share the archive: a file is removed when the
+        process named in it (``host`` and ``pid``) is a process of this host that
+        no longer runs, or when it is older than :data:`STALE_INCOMING_SECONDS`
+        (a writer on another host that died). Only the incoming folder is read,
+        so the cost does not grow with the archive.
         """
         count = 0
+        now = time.time()
         for tmp in self.incoming.glob(".incoming-*.tmp"):
+            holder = _incoming_holder(tmp.name)
+            try:
+                age = now - tmp.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < STALE_INCOMING_SECONDS and not process_gone(holder):
+                continue
             tmp.unlink(missing_ok=True)
             count += 1
         if count:
             logger.info("removed %d partial files left by an earlier stop", count)
         return count
+
+
+def _incoming_holder(name: str) -> str | None:
+    """``host:pid`` of the writer of an incoming file name; ``None`` when not readable.
+
+    Names are ``.incoming-<uid>~<host>~<pid>~<thread>.tmp`` (neither a UID nor a
+    host name has a ``~``). Names of older versions (``<uid>-<pid>-<thread>``)
+    read as this host's.
+    """
+    stem = name[len(".incoming-") : -len(".tmp")]
+    parts = stem.rsplit("~", 3)
+    if len(parts) == 4 and parts[2].isdigit():
+        return f"{parts[1]}:{parts[2]}"
+    legacy = stem.rsplit("-", 2)
+    if len(legacy) == 3 and legacy[1].isdigit():
+        return f"{socket.gethostname()}:{legacy[1]}"
+    return None

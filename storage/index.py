@@ -72,6 +72,7 @@ from storage.models import (
     Study,
     utcnow,
 )
+from storage.runtime import process_gone, process_id
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -556,6 +557,7 @@ class Index:
                         instances=0,
                         failures=0,
                         outcome=AssociationOutcome.OPEN,
+                        receiver=process_id(),
                     )
                     .returning(AssociationRecord.id)
                 ).scalar_one()
@@ -616,14 +618,26 @@ class Index:
             )
 
     def mark_interrupted_associations(self) -> int:
-        """Close audit rows left ``open`` by an earlier stop; return how many."""
+        """Close the audit rows left ``open`` by receivers that are gone; return how many.
+
+        Several receivers may share the index: only rows of a receiver process
+        of this host that no longer runs (or rows that name no receiver) are
+        marked ``interrupted``; a live receiver's associations stay open.
+        """
         with self.session() as session:
-            result = session.execute(
-                update(AssociationRecord)
-                .where(AssociationRecord.outcome == AssociationOutcome.OPEN)
-                .values(outcome=AssociationOutcome.INTERRUPTED, ended_at=utcnow())
-            )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            rows = session.execute(
+                select(AssociationRecord.id, AssociationRecord.receiver).where(
+                    AssociationRecord.outcome == AssociationOutcome.OPEN
+                )
+            ).all()
+            gone = [int(r.id) for r in rows if process_gone(r.receiver)]
+            if gone:
+                session.execute(
+                    update(AssociationRecord)
+                    .where(AssociationRecord.id.in_(gone))
+                    .values(outcome=AssociationOutcome.INTERRUPTED, ended_at=utcnow())
+                )
+            return len(gone)
 
     def associations(self, limit: int = 100) -> list[dict[str, Any]]:
         """Return the newest association audit rows as plain dicts."""

@@ -237,6 +237,8 @@ class AssociationRecord(Base):
         _enum(AssociationOutcome, "association_outcome"), default=AssociationOutcome.OPEN
     )
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: ``host:pid`` of the receiver process that accepted it (migration 0004).
+    receiver: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class Instance(Base):

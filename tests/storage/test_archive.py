@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +14,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
-from storage.archive import Archive, ArchiveError, StoredFile, UnsafeUIDError
+from storage.archive import (
+    STALE_INCOMING_SECONDS,
+    Archive,
+    ArchiveError,
+    StoredFile,
+    UnsafeUIDError,
+)
 from tests.storage.helpers import dataset_bytes, small_ct
 
 
@@ -94,16 +105,37 @@ def test_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
     assert not any(archive.incoming.iterdir())
 
 
-def test_cleanup_incoming_removes_leftovers(tmp_path: Path) -> None:
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_cleanup_incoming_removes_leftovers_of_gone_writers_only(tmp_path: Path) -> None:
     archive = Archive(tmp_path)
     assert archive.cleanup_incoming() == 0  # nothing written yet, no folder
     ds = small_ct()
     kept = _store(archive, ds)
-    leftovers = [archive.incoming / f".incoming-1.2.3.{n}-99-7.tmp" for n in (4, 5)]
-    for leftover in leftovers:
-        leftover.write_bytes(b"half")
+    host, dead = socket.gethostname(), _dead_pid()
+    leftovers = [
+        archive.incoming / f".incoming-1.2.3.4~{host}~{dead}~7.tmp",
+        archive.incoming / f".incoming-1.2.3.5-{dead}-7.tmp",  # name of an older version
+    ]
+    # Another receiver of this host writing right now, and one on another host.
+    live = [
+        archive.incoming / f".incoming-1.2.3.6~{host}~{os.getpid()}~7.tmp",
+        archive.incoming / f".incoming-1.2.3.7~other-host.example~{dead}~7.tmp",
+    ]
+    for path in leftovers + live:
+        path.write_bytes(b"half")
     assert archive.cleanup_incoming() == 2
-    assert not any(archive.incoming.iterdir())
+    assert sorted(archive.incoming.iterdir()) == sorted(live)
+    # A day later a file is removed whoever wrote it.
+    old = time.time() - STALE_INCOMING_SECONDS - 60
+    os.utime(live[1], (old, old))
+    assert archive.cleanup_incoming() == 1
+    assert list(archive.incoming.iterdir()) == [live[0]]
     assert kept.path.read_bytes().endswith(dataset_bytes(ds))
 
 

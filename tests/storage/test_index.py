@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, inspect, select, text
+from sqlalchemy import delete, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from storage.index import Index, InstanceMeta, MissingAttributeError
@@ -210,11 +213,23 @@ def test_association_audit(index: Index) -> None:
     rid = index.record_rejected_association(
         "BAD", "ICHNODE", "127.0.0.1", 4002, "calling AE title not recognised"
     )
+    live_id = index.open_association("SCU3", "ICHNODE", "127.0.0.1", 4003)
+    # open_id was held by a receiver process of this host that has ended; live_id
+    # is held by this process, a receiver that still runs beside the one starting.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with index.session() as session:
+        session.execute(
+            update(AssociationRecord)
+            .where(AssociationRecord.id == open_id)
+            .values(receiver=f"{socket.gethostname()}:{gone.pid}")
+        )
     assert index.mark_interrupted_associations() == 1
     rows = {r["id"]: r for r in index.associations()}
     assert rows[aid]["outcome"] == "released" and rows[aid]["instances"] == 3
     assert rows[aid]["failures"] == 1 and rows[aid]["ended_at"] is not None
     assert rows[open_id]["outcome"] == "interrupted"
+    assert rows[live_id]["outcome"] == "open"
     assert rows[rid]["outcome"] == "rejected" and rows[rid]["detail"].startswith("calling")
 
 
