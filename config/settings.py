@@ -99,6 +99,8 @@ class NodeSettings(_Section):
     #: Largest dataset one C-STORE may carry; beyond it the rest is discarded
     #: unread and the instance refused with 0xA700 (see config/default.toml).
     max_instance_mb: int = Field(1024, ge=1, le=4096)
+    #: Receiver processes accepting on ``port`` together (SO_REUSEPORT, Linux).
+    receivers: int = Field(1, ge=1, le=64)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))

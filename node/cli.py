@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the node in the foreground until SIGTERM/SIGINT")
     p.add_argument("--config", help="TOML configuration file (default: embedded defaults)")
+    p.add_argument(
+        "--role",
+        action="append",
+        metavar="ROLE[,ROLE]",
+        help="run only these roles: receiver, scheduler, worker, sender (repeatable or "
+        "comma-separated; default: all); processes with different roles share one "
+        "PostgreSQL index and one archive folder (docs/DEPLOY.md)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="this process's metrics endpoint port instead of metrics.port (0: none)",
+    )
 
     p = sub.add_parser("analyze", help="analyse DICOM files or folders, no database or network")
     p.add_argument("paths", nargs="+", metavar="PATH")

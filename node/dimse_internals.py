@@ -273,6 +273,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class SharedPortAssociationServer(GuardedAssociationServer):
+    """:class:`GuardedAssociationServer` bound with ``SO_REUSEPORT`` (``node.receivers``)."""
+
+    def server_bind(self) -> None:
+        """Set ``SO_REUSEPORT``, then bind as pynetdicom does (it never sets the option)."""
+        if self.socket is None:
+            raise OSError("the server socket is closed")
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def make_guarded_server(
     ae: AE,
     address: tuple[str, int],
@@ -282,11 +293,14 @@ def make_guarded_server(
     network_timeout: float,
     max_instance_bytes: int,
     on_handshake_failed: Callable[[tuple[str, int], str], None] | None,
+    reuse_port: bool = False,
 ) -> GuardedAssociationServer:
     """Bind a :class:`GuardedAssociationServer` for ``ae``, registered as ``ae.start_server`` does.
 
     The caller runs ``serve_forever`` in a thread of its own; ``shutdown()``
-    unregisters the server again.
+    unregisters the server again. ``reuse_port`` binds with ``SO_REUSEPORT``
+    (:class:`SharedPortAssociationServer`) so several receiver processes
+    accept on one port and the kernel spreads connections over them.
     """
     server = cast(
         GuardedAssociationServer,
@@ -294,7 +308,7 @@ def make_guarded_server(
             address,
             ssl_context=ssl_context,
             evt_handlers=evt_handlers,
-            server_class=GuardedAssociationServer,
+            server_class=SharedPortAssociationServer if reuse_port else GuardedAssociationServer,
             request_handler=GuardedRequestHandler,
         ),
     )

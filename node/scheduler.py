@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 from config.settings import JobSettings, RoutingSettings
 from node.routing import skip_reason
 from storage.index import Index
+from storage.leader import Leadership
 from storage.models import (
     AssociationOutcome,
     AssociationRecord,
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 # After a normal release, the series is ready once no instance came for this long.
 RELEASE_QUIET_SECONDS = 1.0
+# A standby scheduler asks for the role this often (seconds).
+STANDBY_POLL_SECONDS = 1.0
 _HASH_CHUNK = 1 << 20
 
 
@@ -238,8 +241,10 @@ class Scheduler:
         routing: RoutingSettings,
         jobs: JobSettings,
         poll_seconds: float = 0.1,
+        leadership: Leadership | None = None,
     ) -> None:
         self.index = index
+        self.leadership = leadership
         self.quiet_seconds = quiet_seconds
         self.routing = routing
         self.jobs = jobs
@@ -404,45 +409,76 @@ class Scheduler:
         """Look at the index now (e.g. after an association was released)."""
         self._wake.set()
 
+    def _lead(self) -> bool:
+        """True when this scheduler holds the role (taking it, and the orphans, when free)."""
+        if self.leadership is None:
+            return True
+        was = self.leadership.held
+        if not self.leadership.hold():
+            return False
+        if not was:
+            taken = self.recover()
+            if taken:
+                logger.warning("%d job(s) whose worker is gone were queued again", len(taken))
+        return True
+
     def _loop(self) -> None:
         stale_check = 0.0
         while not self._stop.is_set():
             try:
-                self.tick()
-                stale_check += self.poll_seconds
-                if stale_check >= self.jobs.heartbeat_seconds:
-                    stale_check = 0.0
-                    with self.index.session() as session:
-                        requeue_orphans(session, self.jobs)
+                if self._lead():
+                    self.tick()
+                    stale_check += self.poll_seconds
+                    if stale_check >= self.jobs.heartbeat_seconds:
+                        stale_check = 0.0
+                        with self.index.session() as session:
+                            requeue_orphans(session, self.jobs)
             except (SQLAlchemyError, OSError) as exc:
                 logger.warning("scheduler pass failed (%s); retrying", exc)
-            self._wake.wait(self.poll_seconds)
+            self._wake.wait(self.poll_seconds if self._leading() else STANDBY_POLL_SECONDS)
             self._wake.clear()
 
+    def _leading(self) -> bool:
+        return self.leadership is None or self.leadership.held
+
     def start(self) -> None:
-        """Take up the jobs of a previous run, then run the scheduler in a background thread."""
-        taken = self.recover()
-        if taken:
-            logger.warning("%d job(s) were running when the node stopped; queued again", len(taken))
+        """Take up the jobs of a previous run, then run the scheduler in a background thread.
+
+        With a :class:`storage.leader.Leadership`, only the holder of the
+        ``scheduler`` role works; another scheduler waits on standby and takes
+        the role (and the orphaned jobs) when the holder is gone.
+        """
+        if self.leadership is None:
+            taken = self.recover()
+            if taken:
+                logger.warning(
+                    "%d job(s) were running when the node stopped; queued again", len(taken)
+                )
+        elif not self._lead():
+            logger.info("another scheduler holds the role; standing by")
         self._thread = threading.Thread(target=self._loop, name="ichnode-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread."""
+        """Stop the thread and give the role up."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.leadership is not None:
+            self.leadership.release()
 
 
 def component(service: NodeService) -> Scheduler:
-    """The scheduler of ``ichnode serve`` (see :mod:`node.service`)."""
+    """The scheduler of ``ichnode serve``: one active across every process on the index."""
     settings = service.settings
     scheduler = Scheduler(
         service.index,
         settings.scheduler.series_quiet_seconds,
         settings.routing,
         settings.jobs,
+        leadership=Leadership(settings.storage.effective_database_url, "scheduler"),
     )
-    service.scp.add_listener(scheduler)
+    if service.scp is not None:
+        service.scp.add_listener(scheduler)
     return scheduler

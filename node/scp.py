@@ -256,6 +256,9 @@ class StorageSCP:
     shutdown_grace_s : float
         On :meth:`stop`, how long open associations may go on before the node
         aborts them (never in the middle of a store).
+    reuse_port : bool
+        Bind with ``SO_REUSEPORT``: several receiver processes accept on one
+        port (``node.receivers``).
     """
 
     name = "scp"
@@ -269,8 +272,10 @@ class StorageSCP:
         listeners: Sequence[IngestListener] = (),
         *,
         shutdown_grace_s: float = 5.0,
+        reuse_port: bool = False,
     ) -> None:
         self.node = node
+        self.reuse_port = reuse_port
         self.archive = archive
         self.index = index
         self.listeners = list(listeners)
@@ -345,6 +350,7 @@ class StorageSCP:
             network_timeout=self.node.network_timeout_seconds,
             max_instance_bytes=self.max_instance_bytes,
             on_handshake_failed=self._handle_tls_failure,
+            reuse_port=self.reuse_port,
         )
         self._server = server
         self._server_thread = threading.Thread(
