@@ -191,6 +191,8 @@ class JobSettings(_Section):
 
     max_attempts: int = Field(3, ge=1, le=100)
     retry_backoff_seconds: float = Field(10.0, gt=0)
+    #: The wait after a failed attempt doubles from retry_backoff_seconds up to this.
+    retry_backoff_max_seconds: float = Field(600.0, gt=0)
     heartbeat_seconds: float = Field(2.0, gt=0)
     stale_after_seconds: float = Field(30.0, gt=0)
     max_series_slices: int = Field(2000, ge=1)

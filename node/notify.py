@@ -29,12 +29,12 @@ import requests
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import and_, exists, or_, select
-from sqlalchemy.exc import IntegrityError
 
 from config.settings import NotificationSettings
 from node.dicomweb import PinnedVerifySession
 from storage.index import Index
-from storage.models import Delivery, DeliveryState, Result, ResultKind, Series
+from storage.models import Delivery, Result, ResultKind, Series
+from storage.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -506,9 +506,13 @@ class NotificationQueue:
     """
 
     def __init__(
-        self, index: Index, notifications: Sequence[NotificationSettings], max_age: dt.timedelta
+        self,
+        outbox: Outbox,
+        notifications: Sequence[NotificationSettings],
+        max_age: dt.timedelta,
     ) -> None:
-        self.index = index
+        self.outbox = outbox
+        self.index = outbox.index
         self.notifications = list(notifications)
         self.max_age = max_age
         self._events: dict[int, str | None] = {}
@@ -568,20 +572,8 @@ class NotificationQueue:
         return added
 
     def _add(self, result_id: int, name: str, now: dt.datetime) -> int | None:
-        try:
-            with self.index.session() as session:
-                row = Delivery(
-                    result_id=result_id,
-                    destination=name,
-                    state=DeliveryState.PENDING,
-                    attempts=0,
-                    created_at=now,
-                )
-                session.add(row)
-                session.flush()
-                return int(row.id)
-        except IntegrityError:
-            return None  # another sender added it first
+        # None: another sender added it first (unique result and destination).
+        return self.outbox.add_once(result_id, name, now)
 
 
 def source_series_uid(index: Index, result_id: int) -> str:

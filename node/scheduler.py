@@ -13,11 +13,10 @@ The scheduler decides when a received series is complete and turns it into a
   file sizes and SHA-256 of the files) creates no job;
 * a series the routing rules reject is marked ``skipped`` with the reason.
 
-It also owns taking up jobs whose worker died (stale heartbeat, or claimed by
-a process that no longer exists). The claim itself, one ``UPDATE ...
-RETURNING`` with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, lives in
-:mod:`storage.queue`; ``claim_job`` and ``ClaimedJob`` are re-exported here for
-the worker.
+It also takes up jobs whose worker died (stale heartbeat, or claimed by a
+process of this host that no longer exists). Every job transition (enqueue,
+claim, heartbeat, finish, retry, orphans) belongs to :mod:`storage.jobs`; the
+scheduler decides *when*, the job queue writes the states.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import os
-import socket
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,24 +31,25 @@ from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from config.settings import JobSettings, RoutingSettings
 from node.routing import skip_reason
 from storage.index import Index
+from storage.jobs import JobQueue, requeue_orphans
 from storage.leader import Leadership
 from storage.models import (
     AssociationOutcome,
     AssociationRecord,
     Instance,
-    Job,
-    JobState,
     Series,
     SeriesStatus,
 )
 from storage.queue import ClaimedJob, claim_job
+from storage.runtime import as_utc, process_id
+from storage.runtime import utcnow as runtime_utcnow
 
 if TYPE_CHECKING:
     from node.scp import AssociationClosed, InstanceStored
@@ -67,13 +65,8 @@ _HASH_CHUNK = 1 << 20
 
 
 def utcnow() -> dt.datetime:
-    """Return the current time in UTC (timezone-aware)."""
-    return dt.datetime.now(dt.UTC)
-
-
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """Return ``value`` as an aware UTC datetime (SQLite gives back naive UTC)."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    """Return the current time in UTC (timezone-aware): :func:`storage.runtime.utcnow`."""
+    return runtime_utcnow()
 
 
 def series_ready(
@@ -124,96 +117,10 @@ def content_hash(instances: Iterable[tuple[str, str, int]]) -> str:
 
 def worker_id() -> str:
     """Identify this process in ``jobs.claimed_by``: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return process_id()
 
-
-def _pid_alive(claimed_by: str | None) -> bool:
-    """False when ``claimed_by`` names a process of this host that no longer exists."""
-    if not claimed_by:
-        return False
-    host, _, pid_text = claimed_by.rpartition(":")
-    if host != socket.gethostname():
-        return True  # another host: only the heartbeat can tell
-    try:
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 __all__ = ["ClaimedJob", "Scheduler", "claim_job", "requeue_orphans"]
-
-
-def requeue_orphans(
-    session: Session,
-    jobs: JobSettings,
-    now: dt.datetime | None = None,
-    *,
-    all_running: bool = False,
-) -> list[int]:
-    """Put running jobs whose worker is gone back in the queue (or fail them).
-
-    A job is orphaned when ``all_running`` (the node starts and no worker of
-    it runs yet), its heartbeat is older than ``jobs.stale_after_seconds``, or
-    its ``claimed_by`` process is dead. A job that already used
-    ``jobs.max_attempts`` (its worker died each time, e.g. killed for memory)
-    is not analysed again: with ``jobs.report_not_analysed`` it is queued once
-    more so that a worker, seeing attempts beyond the maximum, only writes its
-    "not analysed" SR and marks it ``failed``; otherwise it becomes ``failed``
-    here. The caller commits; returns the job ids.
-    """
-    now = now or utcnow()
-    stale_before = now - dt.timedelta(seconds=jobs.stale_after_seconds)
-    running = session.execute(select(Job).where(Job.state == JobState.RUNNING)).scalars().all()
-    taken: list[int] = []
-    for job in running:
-        heartbeat = as_utc(job.heartbeat_at) if job.heartbeat_at else None
-        orphan = (
-            all_running
-            or heartbeat is None
-            or heartbeat < stale_before
-            or not _pid_alive(job.claimed_by)
-        )
-        if not orphan:
-            continue
-        taken.append(job.id)
-        series = session.get(Series, job.series_id)
-        if job.attempts >= jobs.max_attempts and jobs.report_not_analysed:
-            job.state = JobState.QUEUED
-            job.error = f"worker {job.claimed_by} stopped during attempt {job.attempts}"
-            job.claimed_by = None
-            job.not_before = now
-            logger.error("job %s: %s; giving up (not-analysed report next)", job.id, job.error)
-            continue
-        if job.attempts >= jobs.max_attempts:
-            job.state = JobState.FAILED
-            job.error = f"worker {job.claimed_by} stopped during attempt {job.attempts}"
-            job.finished_at = now
-            if series is not None and _is_latest_job(session, job):
-                series.status = SeriesStatus.FAILED
-                series.reason = job.error
-            logger.error("job %s failed: %s", job.id, job.error)
-            continue
-        logger.warning("job %s: worker %s is gone, queued again", job.id, job.claimed_by)
-        job.state = JobState.QUEUED
-        job.error = f"worker {job.claimed_by} stopped; taken up again"
-        job.claimed_by = None
-        job.not_before = now
-        if series is not None and _is_latest_job(session, job):
-            series.status = SeriesStatus.QUEUED
-    return taken
-
-
-def _is_latest_job(session: Session, job: Job) -> bool:
-    newest = session.execute(
-        select(Job.id).where(Job.series_id == job.series_id).order_by(Job.id.desc()).limit(1)
-    ).scalar_one()
-    return int(newest) == job.id
 
 
 class Scheduler:
@@ -244,6 +151,7 @@ class Scheduler:
         leadership: Leadership | None = None,
     ) -> None:
         self.index = index
+        self.queue = JobQueue(index, jobs)
         self.leadership = leadership
         self.quiet_seconds = quiet_seconds
         self.routing = routing
@@ -343,24 +251,13 @@ class Scheduler:
                 )
                 return True
             series.content_hash = digest
-            self._supersede_queued(session, series_id, now)
             if reason is not None:
+                self.queue.supersede_queued(session, series_id, now)
                 series.status = SeriesStatus.SKIPPED
                 series.reason = reason
                 logger.info("series %s skipped: %s", series.series_instance_uid, reason)
                 return True
-            job = Job(
-                series_id=series_id,
-                state=JobState.QUEUED,
-                attempts=0,
-                content_hash=digest,
-                created_at=now,
-                received_at=series.last_instance_at,
-            )
-            session.add(job)
-            series.status = SeriesStatus.QUEUED
-            series.reason = None
-            session.flush()
+            job = self.queue.enqueue(session, series, digest, now)
             logger.info(
                 "series %s complete (%d instances): job %s queued",
                 series.series_instance_uid,
@@ -368,17 +265,6 @@ class Scheduler:
                 job.id,
             )
         return True
-
-    @staticmethod
-    def _supersede_queued(session: Session, series_id: int, now: dt.datetime) -> None:
-        session.execute(
-            update(Job)
-            .where(and_(Job.series_id == series_id, Job.state == JobState.QUEUED))
-            .values(
-                state=JobState.SUPERSEDED, finished_at=now, error="superseded by newer instances"
-            )
-            .execution_options(synchronize_session=False)
-        )
 
     def _route(self, rows: Sequence[tuple[str, str, int]], series_id: int) -> str | None:
         if not rows:
@@ -402,8 +288,7 @@ class Scheduler:
         see :mod:`node.worker`); a job of another host waits for its heartbeat to
         go stale, so a second node on the same index never loses its jobs.
         """
-        with self.index.session() as session:
-            return requeue_orphans(session, self.jobs)
+        return self.queue.requeue_orphans()
 
     def wake(self) -> None:
         """Look at the index now (e.g. after an association was released)."""
@@ -431,8 +316,7 @@ class Scheduler:
                     stale_check += self.poll_seconds
                     if stale_check >= self.jobs.heartbeat_seconds:
                         stale_check = 0.0
-                        with self.index.session() as session:
-                            requeue_orphans(session, self.jobs)
+                        self.queue.requeue_orphans()
             except (SQLAlchemyError, OSError) as exc:
                 logger.warning("scheduler pass failed (%s); retrying", exc)
             self._wake.wait(self.poll_seconds if self._leading() else STANDBY_POLL_SECONDS)

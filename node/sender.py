@@ -15,7 +15,9 @@ for them.
 A failed try is retried with exponential backoff (``[delivery]``
 ``backoff_initial_seconds`` doubling up to ``backoff_max_seconds``); a delivery
 older than ``max_age_hours`` becomes ``dead`` until ``ichnode outbox retry``.
-Everything it knows lives in the index, so a restart loses nothing. Each
+Everything it knows lives in the index, so a restart loses nothing; every
+state it records (sent, backoff, dead) is a transition of
+:class:`storage.outbox.Outbox`, the one owner of delivery states. Each
 delivery is claimed just before it is sent (:func:`storage.queue.claim_delivery`:
 a lease on ``next_attempt_at``, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so
 several senders sharing one index never send the same row at once; the lease
@@ -61,8 +63,8 @@ from node.notify import (
 )
 from node.tls import client_tls_args
 from storage.index import Index
-from storage.models import Delivery, DeliveryState
-from storage.queue import claim_delivery
+from storage.outbox import Outbox
+from storage.runtime import backoff_seconds, utcnow
 
 if TYPE_CHECKING:
     from node.service import NodeService
@@ -93,26 +95,7 @@ IDLE_RELEASE_SECONDS = 10.0
 NOTIFY_SCAN_SECONDS = 0.5
 
 
-def utcnow() -> dt.datetime:
-    """Return the current time in UTC (timezone-aware)."""
-    return dt.datetime.now(dt.UTC)
-
-
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """Return ``value`` as an aware UTC datetime (SQLite returns naive UTC)."""
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
-    """Seconds to wait after the ``attempts``-th failed try (1-based).
-
-    ``initial`` after the first failure, doubling after each further one, never
-    more than ``maximum``.
-    """
-    if attempts < 1:
-        return 0.0
-    exponent = min(attempts - 1, 62)
-    return float(min(maximum, initial * (2.0**exponent)))
+__all__ = ["DestinationLink", "SendOutcome", "Sender", "backoff_seconds", "component"]
 
 
 @dataclass
@@ -283,6 +266,7 @@ class Sender:
     ) -> None:
         self.index = index
         self.delivery = delivery
+        self.outbox = Outbox(index, delivery)
         self.poll_seconds = poll_seconds
         self.links: dict[str, DestinationLink | DicomWebLink | WebhookLink | Hl7Link] = {
             d.name: (
@@ -300,7 +284,7 @@ class Sender:
                 else Hl7Link(n, delivery.timeout_seconds)
             )
         self.notify_queue = NotificationQueue(
-            index, notifications or [], dt.timedelta(hours=delivery.max_age_hours)
+            self.outbox, notifications or [], dt.timedelta(hours=delivery.max_age_hours)
         )
         self._last_scan = float("-inf")
         self._stop = threading.Event()
@@ -320,8 +304,7 @@ class Sender:
         """
         lease = 3 * self.delivery.timeout_seconds + 30.0
         for _ in range(limit):
-            with self.index.session() as session:
-                claimed = claim_delivery(session, lease, utcnow(), due_at=now)
+            claimed = self.outbox.claim(lease, due_at=now)
             if claimed is None:
                 return
             yield (
@@ -333,58 +316,18 @@ class Sender:
             )
 
     def _record(self, delivery_id: int, ok: bool, error: str, outcome: SendOutcome) -> None:
-        now = utcnow()
-        with self.index.session() as session:
-            row = session.get(Delivery, delivery_id)
-            if row is None or row.state != DeliveryState.PENDING:
-                return
-            row.attempts += 1
-            if ok:
-                row.state = DeliveryState.SENT
-                row.acked_at = now
-                row.last_error = None
-                row.next_attempt_at = None
-                outcome.sent.append(delivery_id)
-                return
-            row.last_error = error
-            started = as_utc(getattr(row, "retried_at", None) or row.created_at)
-            max_age = dt.timedelta(hours=self.delivery.max_age_hours)
-            if now - started >= max_age:
-                row.state = DeliveryState.DEAD
-                row.next_attempt_at = None
-                outcome.dead.append(delivery_id)
-                logger.error(
-                    "delivery %s to %s is dead after %d tries: %s",
-                    delivery_id,
-                    row.destination,
-                    row.attempts,
-                    error,
-                )
-                return
-            wait = backoff_seconds(
-                row.attempts,
-                self.delivery.backoff_initial_seconds,
-                self.delivery.backoff_max_seconds,
-            )
-            row.next_attempt_at = now + dt.timedelta(seconds=wait)
+        recorded = (
+            self.outbox.acknowledged(delivery_id) if ok else self.outbox.failed(delivery_id, error)
+        )
+        if recorded.state == "sent":
+            outcome.sent.append(delivery_id)
+        elif recorded.state == "retry":
             outcome.retried.append(delivery_id)
-            logger.warning(
-                "delivery %s to %s failed (try %d, next in %.1f s): %s",
-                delivery_id,
-                row.destination,
-                row.attempts,
-                wait,
-                error,
-            )
+        elif recorded.state == "dead":
+            outcome.dead.append(delivery_id)
 
     def _mark_dead(self, delivery_id: int, error: str, outcome: SendOutcome) -> None:
-        with self.index.session() as session:
-            row = session.get(Delivery, delivery_id)
-            if row is None or row.state != DeliveryState.PENDING:
-                return
-            row.state = DeliveryState.DEAD
-            row.last_error = error
-            row.next_attempt_at = None
+        if self.outbox.dead(delivery_id, error).state == "dead":
             outcome.dead.append(delivery_id)
 
     def send_once(self, limit: int = 200) -> SendOutcome:

@@ -31,7 +31,6 @@ whole group, can never block the main process's stop.
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import logging
 import multiprocessing
 import os
@@ -47,22 +46,14 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import select
 
 from config.settings import Settings
-from node.scheduler import ClaimedJob, claim_job, utcnow, worker_id
 from storage.index import Index
-from storage.models import (
-    Delivery,
-    DeliveryState,
-    Instance,
-    Job,
-    JobState,
-    Result,
-    ResultKind,
-    Series,
-    SeriesStatus,
-)
+from storage.jobs import Finished, JobQueue, NewResult, SeriesFinding
+from storage.models import Instance, ResultKind, SeriesStatus
+from storage.queue import ClaimedJob
+from storage.runtime import process_id
 
 if TYPE_CHECKING:
     from inference.predictor import Predictor
@@ -72,10 +63,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-
-
-class JobAbandoned(Exception):
-    """The job is no longer this worker's (taken over, or superseded)."""
 
 
 @dataclass
@@ -112,10 +99,10 @@ def destinations_for(settings: Settings, calling_aets: set[str]) -> list[str]:
 
 
 class _Heartbeat:
-    """Refresh ``jobs.heartbeat_at`` in the background while a job runs."""
+    """Refresh the job's heartbeat (:meth:`storage.jobs.JobQueue.heartbeat`) while it runs."""
 
-    def __init__(self, index: Index, job_id: int, claimed_by: str, every: float) -> None:
-        self.index = index
+    def __init__(self, queue: JobQueue, job_id: int, claimed_by: str, every: float) -> None:
+        self.queue = queue
         self.job_id = job_id
         self.claimed_by = claimed_by
         self.every = every
@@ -125,20 +112,9 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            with self.index.session() as session:
-                done = session.execute(
-                    update(Job)
-                    .where(
-                        Job.id == self.job_id,
-                        Job.claimed_by == self.claimed_by,
-                        Job.state == JobState.RUNNING,
-                    )
-                    .values(heartbeat_at=utcnow())
-                    .execution_options(synchronize_session=False)
-                )
-                if not done.rowcount:  # type: ignore[attr-defined]
-                    self.lost = True
-                    return
+            if not self.queue.heartbeat(self.job_id, self.claimed_by):
+                self.lost = True
+                return
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -166,25 +142,13 @@ class JobRunner:
         self.settings = settings
         self.index = index
         self.predictor = predictor
-        self.claimed_by = worker_id()
+        self.claimed_by = process_id()
         self.results_root = Path(settings.storage.root) / "results"
+        self.queue = JobQueue(index, settings.jobs)
 
     def claim(self) -> ClaimedJob | None:
         """Claim the next due job, if any."""
-        now = utcnow()
-        with self.index.session(readonly=True) as session:
-            waiting = session.execute(
-                select(Job.id)
-                .where(
-                    Job.state == JobState.QUEUED,
-                    or_(Job.not_before.is_(None), Job.not_before <= now),
-                )
-                .limit(1)
-            ).first()
-        if waiting is None:
-            return None
-        with self.index.session() as session:
-            return claim_job(session, self.claimed_by, now)
+        return self.queue.claim(self.claimed_by)
 
     def run_one(self) -> JobOutcome | None:
         """Claim and process one job; None when the queue is empty."""
@@ -198,7 +162,7 @@ class JobRunner:
         from inference.volume import SeriesSkipped
 
         logger.info("job %s: series %s, attempt %d", job.id, job.series_id, job.attempts)
-        with _Heartbeat(self.index, job.id, self.claimed_by, self.settings.jobs.heartbeat_seconds):
+        with _Heartbeat(self.queue, job.id, self.claimed_by, self.settings.jobs.heartbeat_seconds):
             try:
                 if job.attempts > self.settings.jobs.max_attempts:
                     # Its workers died during every attempt (requeue_orphans): no
@@ -207,9 +171,6 @@ class JobRunner:
                 return self._analyse(job)
             except SeriesSkipped as exc:
                 return self._finish_skipped(job, exc.reason)
-            except JobAbandoned as exc:
-                logger.warning("job %s abandoned: %s", job.id, exc)
-                return JobOutcome(job.id, "abandoned", [], str(exc))
             except Exception as exc:
                 # Any failure of the model, the encoders or the disk is recorded on the
                 # job (traceback in the log) and retried with backoff, then ``failed``.
@@ -256,27 +217,21 @@ class JobRunner:
         files = write_result_files(self.results_root / str(job.id), objects, replace=True)
         encoding_seconds = analysis.encoding_seconds + time.perf_counter() - started
         destinations = destinations_for(self.settings, calling_aets)
-        now = utcnow()
-        with self.index.session() as session:
-            row = self._own(session, job)
-            series = session.get(Series, job.series_id)
-            if series is None:
-                raise JobAbandoned(f"series {job.series_id} of job {job.id} is gone")
-            superseded = self._superseded(session, job, row, now)
-            if superseded is not None:
-                return superseded
-            self._record_results(session, job, objects, files, destinations, now)
-            series.hemorrhage = bool(findings.hemorrhage_present)
-            series.hemorrhage_probability = float(findings.hemorrhage_probability)
-            series.status = SeriesStatus.DONE
-            series.reason = (
-                "; ".join(m.sentence() for m in built.missing) if built.missing else None
-            )
-            row.state = JobState.DONE
-            row.finished_at = now
-            row.error = series.reason
-            row.inference_seconds = inference_seconds
-            row.encoding_seconds = encoding_seconds
+        ended = self.queue.complete(
+            job,
+            self.claimed_by,
+            results=_new_results(objects, files),
+            destinations=destinations,
+            finding=SeriesFinding(
+                bool(findings.hemorrhage_present), float(findings.hemorrhage_probability)
+            ),
+            reason="; ".join(m.sentence() for m in built.missing) if built.missing else None,
+            error="; ".join(m.sentence() for m in built.missing) if built.missing else None,
+            inference_seconds=inference_seconds,
+            encoding_seconds=encoding_seconds,
+        )
+        if ended.state != "done":
+            return self._not_done(job, ended)
         logger.info(
             "job %s done: hemorrhage=%s, %d objects, %d missing, %d deliveries "
             "(inference %.2f s, encoding %.2f s)",
@@ -290,81 +245,14 @@ class JobRunner:
         )
         return JobOutcome(job.id, "done", [str(p) for p in files])
 
-    def _superseded(
-        self, session: Any, job: ClaimedJob, row: Job, now: dt.datetime
-    ) -> JobOutcome | None:
-        """Mark the job superseded (and drop its files) when a newer job of its series exists."""
-        newer = session.execute(
-            select(Job.id).where(
-                Job.series_id == job.series_id,
-                Job.id > job.id,
-                Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.DONE]),
-            )
-        ).first()
-        if newer is None:
-            return None
-        row.state = JobState.SUPERSEDED
-        row.finished_at = now
-        row.error = f"superseded by job {newer[0]} before it finished"
-        shutil.rmtree(self.results_root / str(job.id), ignore_errors=True)
-        return JobOutcome(job.id, "superseded", [], row.error)
-
-    def _record_results(
-        self,
-        session: Any,
-        job: ClaimedJob,
-        objects: Sequence[Dataset],
-        files: Sequence[Path],
-        destinations: Sequence[str],
-        now: dt.datetime,
-    ) -> None:
-        """The job's result rows and their deliveries; earlier sets of the series superseded."""
-        # Keyed by job: rows of an earlier run of this same job are replaced
-        # (their files were replaced too), so one job has one set.
-        session.execute(
-            delete(Result)
-            .where(Result.job_id == job.id)
-            .execution_options(synchronize_session=False)
-        )
-        session.execute(
-            update(Result)
-            .where(Result.series_id == job.series_id, Result.job_id != job.id)
-            .values(superseded=True)
-            .execution_options(synchronize_session=False)
-        )
-        session.execute(
-            update(Job)
-            .where(
-                Job.series_id == job.series_id,
-                Job.id < job.id,
-                Job.state == JobState.DONE,
-            )
-            .values(state=JobState.SUPERSEDED)
-            .execution_options(synchronize_session=False)
-        )
-        for ds, path in zip(objects, files, strict=True):
-            result = Result(
-                job_id=job.id,
-                series_id=job.series_id,
-                kind=_kind(ds),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                series_instance_uid=str(ds.SeriesInstanceUID),
-                path=str(path),
-                superseded=False,
-                created_at=now,
-            )
-            session.add(result)
-            session.flush()
-            for name in destinations:
-                session.add(
-                    Delivery(
-                        result_id=result.id,
-                        destination=name,
-                        state=DeliveryState.PENDING,
-                        attempts=0,
-                        created_at=now,
-                    )
-                )
+    def _not_done(self, job: ClaimedJob, ended: Finished) -> JobOutcome:
+        """The outcome of a job that ended other than planned (superseded or lost)."""
+        if ended.state == "superseded":
+            # A newer job of the series exists: this one's files are not wanted.
+            shutil.rmtree(self.results_root / str(job.id), ignore_errors=True)
+            return JobOutcome(job.id, "superseded", [], ended.detail)
+        logger.warning("job %s abandoned: %s", job.id, ended.detail)
+        return JobOutcome(job.id, "abandoned", [], ended.detail)
 
     def _not_analysed_report(
         self, job: ClaimedJob, reason: str
@@ -404,29 +292,19 @@ class JobRunner:
             return [], [], []
         return [report], files, destinations_for(self.settings, calling_aets)
 
-    def _own(self, session: Any, job: ClaimedJob) -> Job:
-        row = session.get(Job, job.id)
-        if row is None or row.state != JobState.RUNNING or row.claimed_by != self.claimed_by:
-            raise JobAbandoned(f"job {job.id} is no longer claimed by {self.claimed_by}")
-        return row  # type: ignore[no-any-return]
-
     def _finish_skipped(self, job: ClaimedJob, reason: str) -> JobOutcome:
         objects, files, destinations = self._not_analysed_report(job, reason)
-        now = utcnow()
-        with self.index.session() as session:
-            row = self._own(session, job)
-            if objects:
-                superseded = self._superseded(session, job, row, now)
-                if superseded is not None:
-                    return superseded
-                self._record_results(session, job, objects, files, destinations, now)
-            row.state = JobState.DONE
-            row.finished_at = now
-            row.error = f"skipped: {reason}"
-            series = session.get(Series, job.series_id)
-            if series is not None:
-                series.status = SeriesStatus.SKIPPED
-                series.reason = reason
+        ended = self.queue.complete(
+            job,
+            self.claimed_by,
+            results=_new_results(objects, files),
+            destinations=destinations,
+            series_status=SeriesStatus.SKIPPED,
+            reason=reason,
+            error=f"skipped: {reason}",
+        )
+        if ended.state != "done":
+            return self._not_done(job, ended)
         logger.info(
             "job %s: series skipped: %s (not-analysed report: %s)",
             job.id,
@@ -436,52 +314,48 @@ class JobRunner:
         return JobOutcome(job.id, "skipped", [str(p) for p in files], reason)
 
     def _give_up(self, job: ClaimedJob) -> JobOutcome:
-        with self.index.session(readonly=True) as session:
-            row = session.get(Job, job.id)
-            error = (row.error if row is not None else None) or "worker stopped"
+        error = self.queue.last_error(job.id) or "worker stopped"
         return self._finish_failed(job, error, attempts=job.attempts - 1)
 
     def _finish_failed(
         self, job: ClaimedJob, reason: str, *, attempts: int | None = None
     ) -> JobOutcome:
-        jobs = self.settings.jobs
         tried = job.attempts if attempts is None else attempts
-        final = job.attempts >= jobs.max_attempts
+        final = job.attempts >= self.settings.jobs.max_attempts
+        series_reason = f"analysis failed after {tried} attempts: {reason}"
         objects: list[Dataset] = []
         files: list[Path] = []
         destinations: list[str] = []
         if final:
-            objects, files, destinations = self._not_analysed_report(
-                job, f"analysis failed after {tried} attempts: {reason}"
-            )
-        now = utcnow()
-        with self.index.session() as session:
-            try:
-                row = self._own(session, job)
-            except JobAbandoned:
-                return JobOutcome(job.id, "abandoned", [], reason)
-            row.error = reason
-            series = session.get(Series, job.series_id)
-            if row.attempts >= jobs.max_attempts:
-                if objects:
-                    superseded = self._superseded(session, job, row, now)
-                    if superseded is not None:
-                        return superseded
-                    self._record_results(session, job, objects, files, destinations, now)
-                row.state = JobState.FAILED
-                row.finished_at = now
-                if series is not None:
-                    series.status = SeriesStatus.FAILED
-                    series.reason = f"analysis failed after {tried} attempts: {reason}"
-                return JobOutcome(job.id, "failed", [str(p) for p in files], reason)
-            wait = jobs.retry_backoff_seconds * 2 ** (row.attempts - 1)
-            row.state = JobState.QUEUED
-            row.claimed_by = None
-            row.not_before = now + dt.timedelta(seconds=wait)
-            if series is not None:
-                series.status = SeriesStatus.QUEUED
-                series.reason = f"attempt {row.attempts} failed, retry in {wait:.0f} s: {reason}"
-        return JobOutcome(job.id, "retry", [], reason)
+            objects, files, destinations = self._not_analysed_report(job, series_reason)
+        ended = self.queue.fail(
+            job,
+            self.claimed_by,
+            reason,
+            series_reason=series_reason,
+            results=_new_results(objects, files),
+            destinations=destinations,
+        )
+        if ended.state == "failed":
+            return JobOutcome(job.id, "failed", [str(p) for p in files], reason)
+        if ended.state == "retry":
+            return JobOutcome(job.id, "retry", [], reason)
+        if ended.state == "abandoned":
+            return JobOutcome(job.id, "abandoned", [], reason)
+        return self._not_done(job, ended)
+
+
+def _new_results(objects: Sequence[Dataset], files: Sequence[Path]) -> list[NewResult]:
+    """The result rows of written objects."""
+    return [
+        NewResult(
+            kind=_kind(ds),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            path=str(path),
+        )
+        for ds, path in zip(objects, files, strict=True)
+    ]
 
 
 def _die_with_parent() -> None:

@@ -7,8 +7,10 @@ coordinator:
 
 - on PostgreSQL the holder keeps a session-level advisory lock
   (``pg_try_advisory_lock``) on a dedicated connection. The server releases
-  it when that session ends, whether the holder stopped, crashed, lost its
-  machine or its network (TCP keepalives end a dead peer's session), and the
+  it when that session ends, whether the holder stopped or crashed (the
+  kernel closes its connection) or lost its machine or network (then only
+  when the server notices: set the server's ``tcp_keepalives_idle``,
+  ``_interval`` and ``_count``, docs/DEPLOY.md, or it may take hours), and the
   standby's next :meth:`Leadership.hold` gets it;
 - on SQLite (one machine) the holder keeps an ``flock`` on a file beside the
   database, which the kernel releases when the process ends;

@@ -16,11 +16,13 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from config import load_settings
+from config.settings import DeliverySettings
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, Result, ResultKind, Series
+from storage.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -76,35 +78,14 @@ def list_deliveries(index: Index) -> list[OutboxRow]:
 def retry(index: Index, delivery_id: int | None, now: dt.datetime | None = None) -> list[int]:
     """Make a delivery (or every dead one) due now; return the ids changed.
 
+    The transition is :meth:`storage.outbox.Outbox.retry`.
+
     Raises
     ------
     LookupError
         When ``delivery_id`` names no delivery, or one already acknowledged.
     """
-    now = now or dt.datetime.now(dt.UTC)
-    with index.session() as session:
-        if delivery_id is not None:
-            row = session.get(Delivery, delivery_id)
-            if row is None:
-                raise LookupError(f"no delivery with id {delivery_id}")
-            if row.state == DeliveryState.SENT:
-                raise LookupError(f"delivery {delivery_id} was already acknowledged")
-            where = [Delivery.id == delivery_id]
-        else:
-            where = [Delivery.state == DeliveryState.DEAD]
-        ids = list(session.execute(select(Delivery.id).where(*where)).scalars())
-        if ids:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_(ids))
-                .values(
-                    state=DeliveryState.PENDING,
-                    next_attempt_at=now,
-                    retried_at=now,
-                    attempts=0,
-                )
-            )
-    return [int(i) for i in ids]
+    return Outbox(index, DeliverySettings()).retry(delivery_id, now)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         index.upgrade()
     if args.action == "retry":
         try:
-            ids = retry(index, args.id)
+            ids = Outbox(index, settings.delivery).retry(args.id)
         except LookupError as exc:
             print(f"ichnode outbox: {exc}", file=sys.stderr)
             return 1
