@@ -63,6 +63,7 @@ from node.notify import (
 )
 from node.tls import client_tls_args
 from storage.index import Index
+from storage.notify import DELIVERIES, Wakeups
 from storage.outbox import Outbox
 from storage.runtime import backoff_seconds, utcnow
 
@@ -93,6 +94,9 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 IDLE_RELEASE_SECONDS = 10.0
 # New SRs are looked at for notifications at most this often.
 NOTIFY_SCAN_SECONDS = 0.5
+# With LISTEN/NOTIFY (PostgreSQL) an idle sender looks at the outbox this often
+# even without a notification (one lost while reconnecting).
+NOTIFIED_POLL_SECONDS = 1.0
 
 
 __all__ = ["DestinationLink", "SendOutcome", "Sender", "backoff_seconds", "component"]
@@ -288,7 +292,9 @@ class Sender:
         )
         self._last_scan = float("-inf")
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        # On PostgreSQL a new pending delivery wakes the sender at once, whichever
+        # process or machine added it (LISTEN/NOTIFY); on SQLite it polls.
+        self.wakeups = Wakeups(index.url, [DELIVERIES])
         self._thread: threading.Thread | None = None
 
     name = "sender"
@@ -378,6 +384,14 @@ class Sender:
         self._release_idle()
         return outcome
 
+    def _next_due_in(self) -> float:
+        """Seconds until the outbox's next backoff or lease ends (long when nothing waits)."""
+        try:
+            due = self.outbox.next_due_in()
+        except SQLAlchemyError:
+            return self.poll_seconds
+        return float("inf") if due is None else max(due, 0.05)
+
     def _release_idle(self) -> None:
         now = time.monotonic()
         for link in self.links.values():
@@ -391,9 +405,12 @@ class Sender:
     # -- thread -----------------------------------------------------------
     def wake(self) -> None:
         """Look at the outbox now rather than at the next poll."""
-        self._wake.set()
+        self.wakeups.wake()
 
     def _loop(self) -> None:
+        wait = self.poll_seconds
+        if self.wakeups.listens:
+            wait = max(wait, NOTIFIED_POLL_SECONDS)
         while not self._stop.is_set():
             try:
                 outcome = self.send_once()
@@ -402,8 +419,9 @@ class Sender:
                 outcome = SendOutcome()
             if outcome.sent or outcome.retried or outcome.dead:
                 continue
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
+            # Backoffs and leases end without a notification: wait no longer
+            # than until the next of them is due.
+            self.wakeups.wait(min(wait, self._next_due_in()))
 
     def start(self) -> None:
         """Run the sender in a background thread."""
@@ -413,9 +431,10 @@ class Sender:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread and release every association."""
         self._stop.set()
-        self._wake.set()
+        self.wakeups.wake()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.wakeups.close()
         for link in self.links.values():
             link.release()
 

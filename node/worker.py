@@ -52,6 +52,7 @@ from config.settings import Settings
 from storage.index import Index
 from storage.jobs import Finished, JobQueue, NewResult, SeriesFinding
 from storage.models import Instance, ResultKind, SeriesStatus
+from storage.notify import JOBS, Wakeups
 from storage.queue import ClaimedJob
 from storage.runtime import process_id
 
@@ -63,6 +64,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+#: With LISTEN/NOTIFY (PostgreSQL) an idle worker or sender looks at the index
+#: this often even without a notification (one lost while reconnecting).
+NOTIFIED_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -483,15 +487,24 @@ def worker_main(
 
     escape_wire_logs()
     _warm_up(predictor)
+    # On PostgreSQL a queued job wakes the worker at once (LISTEN/NOTIFY,
+    # storage.notify), whichever machine queued it, so it polls only as a
+    # fallback, rarely; on SQLite it polls at poll_seconds.
+    wakeups = Wakeups(settings.storage.effective_database_url, [JOBS])
+    wait = max(poll_seconds, NOTIFIED_POLL_SECONDS) if wakeups.listens else poll_seconds
     ready.value = True
     logger.info("worker %s ready", runner.claimed_by)
     flags = (stop, terminated)
     while not any(f.value for f in flags) and os.getppid() == parent:
         if runner.run_one() is None:
-            _sleep_unless(flags, poll_seconds)
+            if wakeups.listens:
+                wakeups.wait(wait)
+            else:
+                _sleep_unless(flags, wait)
         else:
             release_free_heap()
     logger.info("worker %s stopping", runner.claimed_by)
+    wakeups.close()
     index.dispose()
 
 

@@ -104,6 +104,21 @@ class Outbox:
         with self.index.session() as session:
             return claim_delivery(session, lease_seconds, now or utcnow(), due_at=due_at)
 
+    def next_due_in(self, now: dt.datetime | None = None) -> float | None:
+        """Seconds until the next pending delivery is due (0 when one is); ``None`` if none."""
+        now = now or utcnow()
+        with self.index.session(readonly=True) as session:
+            rows = session.execute(
+                select(Delivery.next_attempt_at)
+                .where(Delivery.state == DeliveryState.PENDING)
+                .order_by(Delivery.next_attempt_at.is_not(None), Delivery.next_attempt_at)
+                .limit(1)
+            ).all()
+        if not rows:
+            return None
+        due = rows[0][0]
+        return 0.0 if due is None else max(0.0, (as_utc(due) - now).total_seconds())
+
     # -- outcomes ------------------------------------------------------------
     def _pending(self, session: Session, delivery_id: int) -> Delivery | None:
         row = session.get(Delivery, delivery_id)
