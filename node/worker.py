@@ -388,6 +388,24 @@ def release_free_heap() -> bool:
     return True
 
 
+def _share_cpus(workers: int, device: str) -> int | None:
+    """Give this worker its share of the CPUs for PyTorch's threads; return the count.
+
+    Each worker process would otherwise start as many intra-op threads as the
+    machine has CPUs: with several workers the threads outnumber the CPUs and
+    every series gets slower (``python -m bench.scale``). A CUDA worker keeps
+    PyTorch's default (its CPU threads mostly wait on the GPU).
+    """
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return None
+    cpus = len(os.sched_getaffinity(0))
+    threads = max(1, cpus // max(1, workers))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _warm_up(predictor: Predictor) -> None:
     """Run one small synthetic series through the whole job path before reporting ready.
 
@@ -468,6 +486,7 @@ def worker_main(
     from inference.predictor import Predictor, WeightsError
 
     settings = Settings(**settings_data)
+    _share_cpus(settings.inference.workers, settings.inference.device)
     try:
         predictor = Predictor(
             weights=settings.inference.weights or None,

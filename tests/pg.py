@@ -57,6 +57,8 @@ class PostgresServer:
     port: int
     log: Path
     as_user: list[str]
+    #: fsync and full-page writes on, as a production server runs (benchmarks).
+    durable: bool = False
 
     @property
     def admin_url(self) -> str:
@@ -76,11 +78,11 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
-        options = (
-            f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1"
+        options = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1"
+        options += " -c max_connections=200"
+        if not self.durable:
             # A throw-away cluster: no fsync, so tests are not bound to the disk.
-            " -c fsync=off -c full_page_writes=off -c max_connections=200"
-        )
+            options += " -c fsync=off -c full_page_writes=off"
         result = self._pg_ctl(
             "-o", options, "-l", str(self.log), "-w", "-t", "60", "start", check=False
         )
@@ -152,8 +154,11 @@ def reap_orphaned_clusters(bin_dir: Path, as_user: list[str]) -> list[Path]:
     return reaped
 
 
-def start_postgres() -> tuple[PostgresServer, Path]:
-    """Create and start a cluster in a new temporary folder; return it and the folder."""
+def start_postgres(*, durable: bool = False) -> tuple[PostgresServer, Path]:
+    """Create and start a cluster in a new temporary folder; return it and the folder.
+
+    ``durable``: with fsync on, as a production server (the benchmarks).
+    """
     bin_dir = pg_bin_dir()
     if bin_dir is None:
         missing(
@@ -201,7 +206,7 @@ def start_postgres() -> tuple[PostgresServer, Path]:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {init.stdout}\n{init.stderr}")
     server = PostgresServer(
-        bin_dir, data_dir, socket_dir, free_port(), root / "postgres.log", as_user
+        bin_dir, data_dir, socket_dir, free_port(), root / "postgres.log", as_user, durable
     )
     try:
         server.start()

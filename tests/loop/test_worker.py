@@ -7,6 +7,8 @@ model's accuracy), built through the same checkpoint format as the bundled one.
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from node.scheduler import claim_job, requeue_orphans
 from node.worker import JobRunner, destinations_for, release_free_heap
 from storage.index import Index
 from storage.models import Delivery, Job, JobState, Result, Series, SeriesStatus
+from tests.interop import REPO
 from tests.loop.conftest import make_study
 from tests.loop.helpers import ct_dataset, new_index, store
 
@@ -316,3 +319,19 @@ def test_release_free_heap_returns_freed_memory_to_the_system() -> None:
     assert release_free_heap()  # glibc: malloc_trim exists
     assert before - rss_mb() > 100, (before, rss_mb())
     assert len(last) == 2048
+
+
+def test_worker_processes_share_the_cpus_between_their_threads() -> None:
+    # Run in a fresh interpreter: set_num_threads is process-wide.
+    code = (
+        "import os, torch; from node.worker import _share_cpus; "
+        "cpus = len(os.sched_getaffinity(0)); "
+        "print(cpus, _share_cpus(2, 'cpu'), torch.get_num_threads(), "
+        "_share_cpus(64, 'cpu'), torch.get_num_threads(), _share_cpus(1, 'cuda'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    cpus = int(out[0])
+    assert out[1:3] == [str(max(1, cpus // 2))] * 2
+    assert out[3:5] == ["1", "1"]  # never fewer than one thread
+    assert out[5] == "None"  # a CUDA worker keeps PyTorch's default
