@@ -169,6 +169,8 @@ _DECODE_ERRORS = (
     zlib.error,
 )
 
+#: How long a closed connection's association may take to show its release or abort (s).
+CLOSE_SETTLE_SECONDS = 0.5
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
@@ -549,7 +551,26 @@ class StorageSCP:
                 outcome = AssociationOutcome.ABORTED
             elif pending == "released":
                 outcome = AssociationOutcome.RELEASED
+            else:
+                outcome = self._settled_outcome(assoc)
         self._finish(assoc, outcome)
+
+    @staticmethod
+    def _settled_outcome(assoc: Association) -> AssociationOutcome:
+        """The outcome once the association's thread has seen its last PDU.
+
+        The DUL thread reports the closed socket; the association's own thread
+        may still be handling the A-RELEASE (or A-ABORT) it read just before,
+        so the flags are given a moment to settle before "closed" is recorded.
+        """
+        deadline = time.monotonic() + CLOSE_SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            if assoc.is_released:
+                return AssociationOutcome.RELEASED
+            if assoc.is_aborted:
+                return AssociationOutcome.ABORTED
+            time.sleep(0.01)
+        return AssociationOutcome.CLOSED
 
     def _handle_dimse_sent(self, event: evt.Event) -> None:
         if type(event.message).__name__ != "C_STORE_RSP":

@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -48,8 +49,12 @@ from node.scp import StorageSCP
 from storage.archive import Archive
 from storage.index import Index
 from storage.recovery import reindex_unindexed
+from storage.runtime import backoff_seconds
 
 logger = logging.getLogger(__name__)
+
+#: A receiver process that dies sooner than this after its start counts as failing to start.
+RECEIVER_SETTLE_SECONDS = 10.0
 
 #: The roles of ``ichnode serve --role``, in the order they start.
 ROLES: tuple[str, ...] = ("receiver", "scheduler", "worker", "sender")
@@ -143,6 +148,9 @@ class ReceiverPool:
         self._ctx = multiprocessing.get_context("spawn")
         self._stop: Any = self._ctx.RawValue(ctypes.c_bool, False)
         self._processes: list[BaseProcess] = []
+        self._started_at: list[float] = []
+        self._failures: list[int] = []
+        self._restart_at: list[float] = []
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -163,6 +171,9 @@ class ReceiverPool:
     def start(self) -> None:
         """Start the receiver processes."""
         self._processes = [self._spawn() for _ in range(self.count)]
+        self._started_at = [time.monotonic()] * self.count
+        self._failures = [0] * self.count
+        self._restart_at = [0.0] * self.count
         logger.info(
             "started %d more receiver process(es) on port %d", self.count, self.settings.node.port
         )
@@ -173,14 +184,40 @@ class ReceiverPool:
 
     def _watch(self) -> None:
         while not self._watch_stop.wait(1.0):
-            for i, process in enumerate(self._processes):
-                if not process.is_alive() and not self._stop.value:
-                    logger.error(
-                        "receiver pid %s exited with %s; starting another",
-                        process.pid,
-                        process.exitcode,
-                    )
-                    self._processes[i] = self._spawn()
+            self.check()
+
+    def check(self) -> int:
+        """Start again the receivers that died; return how many were started.
+
+        One that dies within :data:`RECEIVER_SETTLE_SECONDS` of its start (it
+        cannot bind, its index is unusable) is started again after a pause
+        that doubles up to 5 minutes, so a broken set-up does not spin.
+        """
+        if self._stop.value:
+            return 0
+        restarted = 0
+        now = time.monotonic()
+        for i, process in enumerate(self._processes):
+            if process.is_alive() or now < self._restart_at[i]:
+                continue
+            if self._restart_at[i] == 0.0:  # first look at this exit
+                quick = now - self._started_at[i] < RECEIVER_SETTLE_SECONDS
+                self._failures[i] = self._failures[i] + 1 if quick else 0
+                pause = backoff_seconds(self._failures[i], 5.0, 300.0)
+                logger.error(
+                    "receiver pid %s exited with %s; starting another in %.0f s",
+                    process.pid,
+                    process.exitcode,
+                    pause,
+                )
+                if pause:
+                    self._restart_at[i] = now + pause
+                    continue
+            self._restart_at[i] = 0.0
+            self._processes[i] = self._spawn()
+            self._started_at[i] = time.monotonic()
+            restarted += 1
+        return restarted
 
     def pids(self) -> list[int]:
         """The pids of the receiver processes."""

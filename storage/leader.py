@@ -105,24 +105,23 @@ class Leadership:
         import psycopg
 
         try:
-            if self._conn is not None:
+            if self._conn is None:
+                # One connection for the holder and the standby alike: a standby
+                # asks again on it instead of connecting every second.
+                self._conn = psycopg.connect(
+                    autocommit=True,
+                    connect_timeout=10,
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                    **self._params,
+                )
+            if self.held:
                 self._conn.execute("SELECT 1")
                 return True
-            conn = psycopg.connect(
-                autocommit=True,
-                connect_timeout=10,
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
-                **self._params,
-            )
-            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
-            if got is not None and got[0]:
-                self._conn = conn
-                return True
-            conn.close()
-            return False
+            got = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            return bool(got is not None and got[0])
         except psycopg.Error as exc:
             logger.warning("%s role: index connection failed (%s)", self.name, exc)
             self._drop_connection()

@@ -6,8 +6,10 @@ associations on loopback.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,3 +174,41 @@ def test_two_receivers_accept_on_one_port_and_stop_together(tmp_path: Path) -> N
         pid = int(str(holder).rsplit(":", 1)[1])
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_receiver_that_cannot_start_is_retried_after_a_pause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from config.settings import Settings
+    from node.service import ReceiverPool
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))  # without SO_REUSEPORT: the receiver cannot bind
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    settings = Settings(
+        node={"port": port, "receivers": 2},  # type: ignore[arg-type]
+        storage={"root": tmp_path / "data", "min_free_disk_mb": 0},  # type: ignore[arg-type]
+    )
+    pool = ReceiverPool(settings, 1)
+    pool.start()
+    try:
+        first = pool.pids()
+        deadline = time.monotonic() + 60
+        while pool._processes[0].is_alive():  # it fails to bind and exits
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with caplog.at_level(logging.ERROR, logger="node.service"):
+            assert pool.check() == 0  # not at once: after a pause
+        assert "starting another in 5 s" in caplog.text
+        assert pool.check() == 0 and pool.pids() == first
+        blocker.close()
+        deadline = time.monotonic() + 30
+        while pool.check() == 0:  # the pause ends, a new receiver starts and binds
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert pool.pids() != first
+        wait_for_port(port, 60)
+    finally:
+        pool.stop(timeout=20)
+        blocker.close()
