@@ -236,7 +236,9 @@ class Scheduler:
         # Read a header outside the write transaction (it may touch the disk).
         reason = self._route(rows, series_id)
         with self.index.session() as session:
-            series = session.get(Series, series_id)
+            # Locked (PostgreSQL): a scheduler that lost its role a moment ago
+            # and is finishing its pass cannot queue the same content twice.
+            series = session.get(Series, series_id, with_for_update=True)
             if series is None:
                 return False
             if series.last_instance_at is None or as_utc(series.last_instance_at) != as_utc(
