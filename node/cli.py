@@ -21,6 +21,7 @@ _COMMANDS: dict[str, str] = {
     "analyze": "node.commands.analyze:run",
     "studies": "node.commands.studies:run",
     "outbox": "node.commands.outbox:run",
+    "index": "node.commands.index:run",
     "ui": "node.commands.ui:run",
     "train": "inference.train:run_cli",
     "evaluate": "inference.evaluate:run_cli",
@@ -77,6 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("action", choices=["list", "retry"])
     p.add_argument("id", nargs="?", type=int)
+
+    p = sub.add_parser("index", help="the index database: copy it into an empty one")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "copy",
+        help="copy every row of the index into an empty PostgreSQL (or SQLite) database, "
+        "with the node stopped",
+    )
+    a.add_argument("--config")
+    a.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="the empty target: postgresql+psycopg://USER@HOST:PORT/DATABASE or sqlite:///PATH",
+    )
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="copy even when associations are open or jobs running in the index "
+        "(left by a crash; the node must be stopped)",
+    )
 
     p = sub.add_parser("ui", help="start the web interface")
     p.add_argument("--config")
