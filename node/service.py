@@ -189,7 +189,8 @@ class ReceiverPool:
     def check(self) -> int:
         """Start again the receivers that died; return how many were started.
 
-        One that dies within :data:`RECEIVER_SETTLE_SECONDS` of its start (it
+        One that ended with exit code 0 was stopped on purpose and stays
+        stopped. One that dies within :data:`RECEIVER_SETTLE_SECONDS` of its start (it
         cannot bind, its index is unusable) is started again after a pause
         that doubles up to 5 minutes, so a broken set-up does not spin.
         """
@@ -199,6 +200,10 @@ class ReceiverPool:
         now = time.monotonic()
         for i, process in enumerate(self._processes):
             if process.is_alive() or now < self._restart_at[i]:
+                continue
+            if process.exitcode == 0:
+                # Stopped on purpose (SIGTERM to the process group, as systemd stops
+                # a unit, reaches it before this process stops the pool).
                 continue
             if self._restart_at[i] == 0.0:  # first look at this exit
                 quick = now - self._started_at[i] < RECEIVER_SETTLE_SECONDS

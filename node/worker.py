@@ -619,6 +619,10 @@ class WorkerPool:
         for i, process in enumerate(self._processes):
             if process.is_alive() or now < self._restart_at[i]:
                 continue
+            if process.exitcode == 0:
+                # Stopped on purpose: SIGTERM to the process group (systemd's stop)
+                # reaches a worker before the main process stops the pool.
+                continue
             if self._restart_at[i] == 0.0:  # first look at this exit
                 self._failures[i] = 0 if self._ready[i].value else self._failures[i] + 1
             pause = min(300.0, 5.0 * 2 ** (self._failures[i] - 1)) if self._failures[i] else 0.0

@@ -335,3 +335,31 @@ def test_worker_processes_share_the_cpus_between_their_threads() -> None:
     assert out[1:3] == [str(max(1, cpus // 2))] * 2
     assert out[3:5] == ["1", "1"]  # never fewer than one thread
     assert out[5] == "None"  # a CUDA worker keeps PyTorch's default
+
+
+def test_a_worker_stopped_on_purpose_is_not_started_again(tmp_path: Path) -> None:
+    """SIGTERM to the whole group (systemd's stop) reaches a worker before the main
+    process stops the pool: the worker's clean exit must not be taken for a death."""
+    import os
+    import signal
+
+    from node.worker import WorkerPool
+
+    settings = Settings(
+        storage={"root": tmp_path / "data"},  # type: ignore[arg-type]
+        inference={"device": "cpu", "workers": 1},  # type: ignore[arg-type]
+    )
+    index = Index(settings.storage.effective_database_url)
+    index.upgrade()
+    index.dispose()
+    pool = WorkerPool(settings, 1)
+    pool.start()
+    try:
+        assert pool.wait_ready(180)
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGTERM)
+        pool._processes[0].join(60)
+        assert pool._processes[0].exitcode == 0
+        assert pool.check() == 0 and pool.pids == [pid]
+    finally:
+        pool.stop()

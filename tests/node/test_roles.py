@@ -137,6 +137,7 @@ def test_two_receivers_accept_on_one_port_and_stop_together(tmp_path: Path) -> N
         stdout=subprocess.DEVNULL,
         stderr=log.open("ab"),
         env={k: v for k, v in os.environ.items() if not k.startswith("ICHNODE_")},
+        start_new_session=True,  # its own process group, as under systemd
     )
     try:
         wait_for_port(port, 60)
@@ -155,7 +156,8 @@ def test_two_receivers_accept_on_one_port_and_stop_together(tmp_path: Path) -> N
             status = assoc.send_c_store(ds)
             assert status.Status == 0x0000
             assoc.release()
-        proc.send_signal(signal.SIGTERM)
+        # systemd's stop: SIGTERM to every process of the group at once.
+        os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
@@ -169,6 +171,7 @@ def test_two_receivers_accept_on_one_port_and_stop_together(tmp_path: Path) -> N
     assert len(receivers) == 2, receivers  # both processes took associations
     text = log.read_text(errors="replace")
     assert "Traceback" not in text
+    assert "starting another" not in text  # a receiver stopped on purpose stays stopped
     # Every receiver process has ended with the node.
     for holder in receivers:
         pid = int(str(holder).rsplit(":", 1)[1])
@@ -212,3 +215,33 @@ def test_a_receiver_that_cannot_start_is_retried_after_a_pause(
     finally:
         pool.stop(timeout=20)
         blocker.close()
+
+
+def test_a_receiver_stopped_on_purpose_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM to the whole group (systemd's stop) reaches a receiver process before
+    the main process stops the pool: its clean exit must not count as a death."""
+    from config.settings import Settings
+    from node import service
+    from node.service import ReceiverPool
+
+    # The receiver counts as settled at once: a death now would be restarted at once.
+    monkeypatch.setattr(service, "RECEIVER_SETTLE_SECONDS", 0.0)
+    port = free_port()
+    settings = Settings(
+        node={"port": port, "receivers": 2},  # type: ignore[arg-type]
+        storage={"root": tmp_path / "data", "min_free_disk_mb": 0},  # type: ignore[arg-type]
+        metrics={"enabled": False},  # type: ignore[arg-type]
+    )
+    pool = ReceiverPool(settings, 1)
+    pool.start()
+    try:
+        wait_for_port(port, 60)
+        (pid,) = pool.pids()
+        os.kill(pid, signal.SIGTERM)
+        pool._processes[0].join(30)
+        assert pool._processes[0].exitcode == 0
+        assert pool.check() == 0 and pool.pids() == [pid]
+    finally:
+        pool.stop(timeout=20)
