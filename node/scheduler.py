@@ -48,8 +48,7 @@ from storage.models import (
     SeriesStatus,
 )
 from storage.queue import ClaimedJob, claim_job
-from storage.runtime import as_utc, process_id
-from storage.runtime import utcnow as runtime_utcnow
+from storage.runtime import as_utc, utcnow
 
 if TYPE_CHECKING:
     from node.scp import AssociationClosed, InstanceStored
@@ -62,11 +61,6 @@ RELEASE_QUIET_SECONDS = 1.0
 # A standby scheduler asks for the role this often (seconds).
 STANDBY_POLL_SECONDS = 1.0
 _HASH_CHUNK = 1 << 20
-
-
-def utcnow() -> dt.datetime:
-    """Return the current time in UTC (timezone-aware): :func:`storage.runtime.utcnow`."""
-    return runtime_utcnow()
 
 
 def series_ready(
@@ -113,11 +107,6 @@ def content_hash(instances: Iterable[tuple[str, str, int]]) -> str:
             digest = ""
         outer.update(f"{sop_instance_uid}\0{size}\0{digest}\n".encode())
     return outer.hexdigest()
-
-
-def worker_id() -> str:
-    """Identify this process in ``jobs.claimed_by``: ``host:pid``."""
-    return process_id()
 
 
 __all__ = ["ClaimedJob", "Scheduler", "claim_job", "requeue_orphans"]

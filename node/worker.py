@@ -54,7 +54,7 @@ from storage.jobs import Finished, JobQueue, NewResult, SeriesFinding
 from storage.models import Instance, ResultKind, SeriesStatus
 from storage.notify import JOBS, Wakeups
 from storage.queue import ClaimedJob
-from storage.runtime import process_id
+from storage.runtime import backoff_seconds, process_id
 
 if TYPE_CHECKING:
     from inference.predictor import Predictor
@@ -625,7 +625,7 @@ class WorkerPool:
                 continue
             if self._restart_at[i] == 0.0:  # first look at this exit
                 self._failures[i] = 0 if self._ready[i].value else self._failures[i] + 1
-            pause = min(300.0, 5.0 * 2 ** (self._failures[i] - 1)) if self._failures[i] else 0.0
+            pause = backoff_seconds(self._failures[i], 5.0, 300.0)
             if pause and self._restart_at[i] == 0.0:
                 self._restart_at[i] = now + pause
                 logger.error(
