@@ -419,9 +419,13 @@ class Sender:
                 outcome = SendOutcome()
             if outcome.sent or outcome.retried or outcome.dead:
                 continue
-            # Backoffs and leases end without a notification: wait no longer
-            # than until the next of them is due.
-            self.wakeups.wait(min(wait, self._next_due_in()))
+            if self.wakeups.listens:
+                # Backoffs and leases end without a notification: wait no longer
+                # than until the next of them is due. (Polling SQLite every
+                # poll_seconds needs no such look.)
+                self.wakeups.wait(min(wait, self._next_due_in()))
+            else:
+                self.wakeups.wait(wait)
 
     def start(self) -> None:
         """Run the sender in a background thread."""
