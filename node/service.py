@@ -45,11 +45,11 @@ from typing import Any, Protocol
 
 from config.settings import Settings
 from node import metrics, scheduler, sender, worker
+from node.restarts import RestartPolicy
 from node.scp import StorageSCP
 from storage.archive import Archive
 from storage.index import Index
 from storage.recovery import reindex_unindexed
-from storage.runtime import backoff_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,7 @@ class ReceiverPool:
         self._stop: Any = self._ctx.RawValue(ctypes.c_bool, False)
         self._processes: list[BaseProcess] = []
         self._started_at: list[float] = []
-        self._failures: list[int] = []
-        self._restart_at: list[float] = []
+        self._restarts = RestartPolicy(0)
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -172,8 +171,7 @@ class ReceiverPool:
         """Start the receiver processes."""
         self._processes = [self._spawn() for _ in range(self.count)]
         self._started_at = [time.monotonic()] * self.count
-        self._failures = [0] * self.count
-        self._restart_at = [0.0] * self.count
+        self._restarts = RestartPolicy(self.count)
         logger.info(
             "started %d more receiver process(es) on port %d", self.count, self.settings.node.port
         )
@@ -189,36 +187,35 @@ class ReceiverPool:
     def check(self) -> int:
         """Start again the receivers that died; return how many were started.
 
-        One that ended with exit code 0 was stopped on purpose and stays
-        stopped. One that dies within :data:`RECEIVER_SETTLE_SECONDS` of its start (it
-        cannot bind, its index is unusable) is started again after a pause
-        that doubles up to 5 minutes, so a broken set-up does not spin.
+        The rule is :class:`node.restarts.RestartPolicy`'s: one that ended with
+        exit code 0 was stopped on purpose and stays stopped; one that dies
+        within :data:`RECEIVER_SETTLE_SECONDS` of its start (it cannot bind, its
+        index is unusable) waits a pause that doubles up to 5 minutes.
         """
         if self._stop.value:
             return 0
         restarted = 0
         now = time.monotonic()
         for i, process in enumerate(self._processes):
-            if process.is_alive() or now < self._restart_at[i]:
+            if process.is_alive():
                 continue
-            if process.exitcode == 0:
-                # Stopped on purpose (SIGTERM to the process group, as systemd stops
-                # a unit, reaches it before this process stops the pool).
-                continue
-            if self._restart_at[i] == 0.0:  # first look at this exit
-                quick = now - self._started_at[i] < RECEIVER_SETTLE_SECONDS
-                self._failures[i] = self._failures[i] + 1 if quick else 0
-                pause = backoff_seconds(self._failures[i], 5.0, 300.0)
+            early = now - self._started_at[i] < RECEIVER_SETTLE_SECONDS
+            verdict = self._restarts.dead(i, process.exitcode, early, now)
+            if verdict.pause:
                 logger.error(
                     "receiver pid %s exited with %s; starting another in %.0f s",
                     process.pid,
                     process.exitcode,
-                    pause,
+                    verdict.pause,
                 )
-                if pause:
-                    self._restart_at[i] = now + pause
-                    continue
-            self._restart_at[i] = 0.0
+            if not verdict.start:
+                continue
+            if not self._restarts.failures(i):
+                logger.error(
+                    "receiver pid %s exited with %s; starting another",
+                    process.pid,
+                    process.exitcode,
+                )
             self._processes[i] = self._spawn()
             self._started_at[i] = time.monotonic()
             restarted += 1

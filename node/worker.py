@@ -49,12 +49,13 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from config.settings import Settings
+from node.restarts import RestartPolicy
 from storage.index import Index
 from storage.jobs import Finished, JobQueue, NewResult, SeriesFinding
 from storage.models import Instance, ResultKind, SeriesStatus
 from storage.notify import JOBS, Wakeups
 from storage.queue import ClaimedJob
-from storage.runtime import backoff_seconds, process_id
+from storage.runtime import process_id
 
 if TYPE_CHECKING:
     from inference.predictor import Predictor
@@ -556,8 +557,7 @@ class WorkerPool:
         self._stop: Any = self._ctx.RawValue(ctypes.c_bool, False)
         self._processes: list[SpawnProcess] = []
         self._ready: list[Any] = []
-        self._failures: list[int] = []
-        self._restart_at: list[float] = []
+        self._restarts = RestartPolicy(0)
         self._monitor_stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -586,8 +586,7 @@ class WorkerPool:
             process, ready = self._spawn()
             self._processes.append(process)
             self._ready.append(ready)
-            self._failures.append(0)
-            self._restart_at.append(0.0)
+            self._restarts.add()
         logger.info("started %d worker process(es)", self.count)
         self._monitor = threading.Thread(target=self._watch, name="ichnode-workers", daemon=True)
         self._monitor.start()
@@ -608,38 +607,32 @@ class WorkerPool:
     def check(self) -> int:
         """Restart workers that died; return how many were restarted.
 
-        A worker that dies before its model is loaded (bad weights, no memory)
-        is restarted after a growing pause, so a broken installation does not
-        spin; one that dies while working is restarted at once.
+        The rule is :class:`node.restarts.RestartPolicy`'s: a worker that dies
+        before its model is loaded (bad weights, no memory) is restarted after a
+        growing pause, so a broken installation does not spin; one that dies
+        while working is restarted at once; exit code 0 means stopped on purpose.
         """
         if self._stop.value:
             return 0
         restarted = 0
         now = time.monotonic()
         for i, process in enumerate(self._processes):
-            if process.is_alive() or now < self._restart_at[i]:
+            if process.is_alive():
                 continue
-            if process.exitcode == 0:
-                # Stopped on purpose: SIGTERM to the process group (systemd's stop)
-                # reaches a worker before the main process stops the pool.
-                continue
-            if self._restart_at[i] == 0.0:  # first look at this exit
-                self._failures[i] = 0 if self._ready[i].value else self._failures[i] + 1
-            pause = backoff_seconds(self._failures[i], 5.0, 300.0)
-            if pause and self._restart_at[i] == 0.0:
-                self._restart_at[i] = now + pause
+            verdict = self._restarts.dead(i, process.exitcode, not self._ready[i].value, now)
+            if verdict.pause:
                 logger.error(
                     "worker pid %s exited with %s before its model was ready; "
                     "starting another in %.0f s",
                     process.pid,
                     process.exitcode,
-                    pause,
+                    verdict.pause,
                 )
+            if not verdict.start:
                 continue
             logger.error(
                 "worker pid %s exited with %s; starting another", process.pid, process.exitcode
             )
-            self._restart_at[i] = 0.0
             self._processes[i], self._ready[i] = self._spawn()
             restarted += 1
         return restarted
