@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 ANY_INDEX = 0
 
 
-def gradcam_maps(model: HemorrhageNet, features: torch.Tensor) -> torch.Tensor:
+def gradcam_maps(
+    model: HemorrhageNet, features: torch.Tensor, head: torch.Tensor | None = None
+) -> torch.Tensor:
     """Raw Grad-CAM maps (N, h, w) for the ``any`` logit at bottleneck resolution.
 
     Parameters
@@ -36,6 +38,10 @@ def gradcam_maps(model: HemorrhageNet, features: torch.Tensor) -> torch.Tensor:
     features : torch.Tensor
         (N, C, h, w) bottleneck features of a forward pass (may come from
         ``torch.inference_mode``; a normal copy is made here).
+    head : torch.Tensor, optional
+        (N, 1, h, w) bool, the cells the class head pools (``out["head"]`` of a
+        network with ``cls_pool="head"``): the logit is explained by them only,
+        and the map is zero elsewhere.
 
     Returns
     -------
@@ -46,10 +52,13 @@ def gradcam_maps(model: HemorrhageNet, features: torch.Tensor) -> torch.Tensor:
 
     feats = features.detach().float().clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.classify(feats)
+        logits = model.classify(feats, head)
         (grad,) = torch.autograd.grad(logits[:, ANY_INDEX].sum(), feats)
     weights = grad.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * feats.detach()).sum(dim=1))
+    maps = torch.relu((weights * feats.detach()).sum(dim=1))
+    if head is not None:
+        maps = maps * head[:, 0].to(maps.dtype)
+    return maps
 
 
 def normalise_to_source(maps: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:

@@ -4,9 +4,18 @@ Input: a slice and its neighbours, each in the brain, subdural and bone windows
 (``inference.windows``), e.g. 3 slices x 3 windows = 9 channels. Outputs:
 
 * ``cls``: (N, 6) logits for ``any`` and the five subtypes (``CLASSES`` order),
-  from the bottleneck by global average and max pooling;
+  from the bottleneck by average and max pooling, over the whole matrix
+  (``cls_pool="global"``) or over the head only (``cls_pool="head"``);
 * ``seg``: (N, 5, H, W) logits of the five subtype masks (multi-label, sigmoid);
-* ``features``: the bottleneck (last encoder stage), which Grad-CAM explains.
+* ``features``: the bottleneck (last encoder stage), which Grad-CAM explains;
+* ``head``: (N, 1, h, w) bool at the bottleneck's resolution, the cells that
+  hold any of the head (``cls_pool="head"`` only).
+
+Why the head only: with global pooling the average runs over the air around the
+head too, so the share of the field of view the head fills (how the scanner
+framed it, the pixel size) moves the logits. Grad-CAM of cross-validation
+networks put most of the evidence for false positives on the air around
+normal heads (docs/MODEL_CARD.md).
 
 This module imports torch at the top: import it only where the model is used.
 """
@@ -25,6 +34,12 @@ from inference.findings import CLASSES, SUBTYPES
 
 logger = logging.getLogger(__name__)
 
+#: How the class head pools the bottleneck (``ModelConfig.cls_pool``).
+CLS_POOLS = ("global", "head")
+#: A pixel belongs to the head when it is denser than this (HU): above the
+#: lower end of the bone window, so scalp, fat and bone count, air does not.
+HEAD_HU = -800.0
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -35,6 +50,13 @@ class ModelConfig:
     depth: int = 3
     input_size: int = 128
     neighbours: int = 1
+    #: ``global``: the class head pools the whole bottleneck; ``head``: only the
+    #: cells with tissue (denser than -800 HU) in the centre slice.
+    cls_pool: str = "global"
+
+    def __post_init__(self) -> None:
+        if self.cls_pool not in CLS_POOLS:
+            raise ValueError(f"cls_pool must be one of {CLS_POOLS}, not {self.cls_pool!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the weights file."""
@@ -104,9 +126,35 @@ class HemorrhageNet(nn.Module):
             feats.append(block(feats[-1]))
         return feats
 
-    def classify(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        """(N, 6) class logits from the bottleneck by global average + max pooling."""
-        pooled = torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
+    def head_cells(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """(N, 1, h, w) bool: bottleneck cells over any head pixel of the centre slice.
+
+        The input's centre-slice bone window is above 0 exactly where the HU is
+        above ``HEAD_HU`` (the window's lower end); a cell counts when any input
+        pixel under it does.
+        """
+        from inference.windows import WINDOW_PRESETS, WINDOWS
+
+        names = list(WINDOW_PRESETS)
+        channel = self.config.neighbours * len(WINDOWS) + names.index("bone")
+        tissue = (x[:, channel : channel + 1] > 0).float()
+        return F.adaptive_max_pool2d(tissue, tuple(shape[-2:])) > 0
+
+    def classify(self, bottleneck: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 6) class logits from the bottleneck by average + max pooling.
+
+        With ``head`` (N, 1, h, w) bool, both pool over those cells only (a slice
+        with no head cell pools to zeros); otherwise over the whole map.
+        """
+        if head is None:
+            pooled = torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
+        else:
+            m = head.to(bottleneck.dtype)
+            area = m.sum(dim=(2, 3)).clamp_min(1.0)
+            mean = (bottleneck * m).sum(dim=(2, 3)) / area
+            # Features are ReLU outputs (>= 0): zeroing the cells outside leaves the max.
+            peak = (bottleneck * m).amax(dim=(2, 3))
+            pooled = torch.cat([mean, peak], dim=1)
         return self.cls_head(pooled)
 
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -118,9 +166,16 @@ class HemorrhageNet(nn.Module):
         return self.seg_head(x)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``{"cls": (N, 6), "seg": (N, 5, H, W), "features": bottleneck}``."""
+        """``{"cls": (N, 6), "seg": (N, 5, H, W), "features": bottleneck}``, and
+        ``"head"`` (the pooled cells) with ``cls_pool="head"``."""
         feats = self.encode(x)
-        return {"cls": self.classify(feats[-1]), "seg": self.decode(feats), "features": feats[-1]}
+        out = {"seg": self.decode(feats), "features": feats[-1]}
+        if self.config.cls_pool == "head":
+            out["head"] = self.head_cells(x, tuple(feats[-1].shape))
+            out["cls"] = self.classify(feats[-1], out["head"])
+        else:
+            out["cls"] = self.classify(feats[-1])
+        return out
 
 
 def fuse_batchnorm(model: HemorrhageNet) -> HemorrhageNet:

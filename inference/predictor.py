@@ -343,7 +343,7 @@ class Predictor:
                     for (b, c), m in zip(hits.tolist(), found, strict=True):
                         masks[c, start + b] = m
             if explain:
-                cams.append(gradcam_maps(self.model, out["features"]).cpu())
+                cams.append(gradcam_maps(self.model, out["features"], out.get("head")).cpu())
         gradcam = normalise_to_source(torch.cat(cams), (rows, cols)) if explain else None
         return RawPrediction(slice_probabilities=probs, masks=masks, gradcam=gradcam)
 

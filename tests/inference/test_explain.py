@@ -64,3 +64,16 @@ def test_no_map_without_explain(predictor: Predictor) -> None:
     case = generate_case(1000011, n_slices=3, matrix=128, subtypes=())
     findings = predictor.predict(phantom_volume(case.hu, case.spacing, "x"), explain=False)
     assert findings.gradcam is None
+
+
+def test_maps_of_head_pooling_are_zero_over_the_air() -> None:
+    torch.manual_seed(0)
+    model = HemorrhageNet(ModelConfig(base_width=4, input_size=64, cls_pool="head")).eval()
+    x = torch.zeros(2, 9, 64, 64)
+    x[:, :, 16:48, 16:48] = torch.rand(2, 9, 32, 32) * 0.8 + 0.2
+    with torch.inference_mode():
+        out = model(x)
+    maps = gradcam_maps(model, out["features"], out["head"])
+    assert maps.shape == (2, 8, 8)
+    outside = ~out["head"][:, 0]
+    assert bool(outside.any()) and float(maps[outside].abs().max()) == 0.0

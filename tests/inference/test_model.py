@@ -102,3 +102,50 @@ def test_batchnorm_folding_keeps_the_outputs() -> None:
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     for key in ("cls", "seg", "features"):
         assert torch.allclose(ref[key], fused[key], atol=1e-4), key
+
+
+def _framed(head: torch.Tensor, pad: int) -> torch.Tensor:
+    """The windowed input ``head`` (N, C, H, W) inside ``pad`` pixels of air (0 in every window)."""
+    return torch.nn.functional.pad(head, (pad, pad, pad, pad), value=0.0)
+
+
+def _trained_bn(config: ModelConfig) -> HemorrhageNet:
+    torch.manual_seed(5)
+    model = HemorrhageNet(config)
+    model.train()
+    with torch.no_grad():  # running statistics that make air features non-zero
+        for _ in range(3):
+            model(_framed(torch.rand(4, 9, 32, 32) + 0.2, 16))
+    return model.eval()
+
+
+def test_head_pooling_does_not_see_how_much_air_surrounds_the_head() -> None:
+    # The same head framed in 64 and in 192 pixels: pooling over the whole matrix
+    # lets the air move the logits, pooling over the head does not (the cells over
+    # the head see the same pixels in both frames: their receptive field stays in
+    # the air margin of the smaller frame's padding, which is air in both).
+    torch.manual_seed(2)
+    head = torch.rand(2, 9, 32, 32) * 0.8 + 0.2
+    logits = {}
+    for pool in ("global", "head"):
+        model = _trained_bn(ModelConfig(base_width=4, input_size=64, cls_pool=pool))
+        with torch.inference_mode():
+            small = model(_framed(head, 64))
+            large = model(_framed(head, 128))
+        logits[pool] = (small["cls"], large["cls"])
+        if pool == "head":
+            # only the cells over the head (and their neighbours) are pooled
+            assert small["head"].shape == (2, 1, 20, 20)
+            assert int(small["head"].sum()) == int(large["head"].sum()) == 2 * 4 * 4
+    moved = {pool: float((a - b).abs().max()) for pool, (a, b) in logits.items()}
+    assert moved["head"] < 1e-5, moved
+    assert moved["global"] > 100 * max(moved["head"], 1e-7), moved
+
+
+def test_head_pooling_loads_global_weights_and_rejects_unknown_pools() -> None:
+    global_net = HemorrhageNet(ModelConfig(base_width=4, input_size=32))
+    head_net = HemorrhageNet(ModelConfig(base_width=4, input_size=32, cls_pool="head"))
+    head_net.load_state_dict(global_net.state_dict())  # the pooling has no weights
+    assert ModelConfig.from_dict(ModelConfig(cls_pool="head").to_dict()).cls_pool == "head"
+    with pytest.raises(ValueError, match="cls_pool"):
+        ModelConfig(cls_pool="mean")
