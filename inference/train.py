@@ -19,6 +19,7 @@ is called by ``ichnode --help``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import logging
@@ -106,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(see sample_slices)",
     )
     data.add_argument(
+        "--seg-mil", action=argparse.BooleanOptionalAction, default=False,
+        help="slices labelled without a mask also teach the mask head: the highest "
+        "4x4-pixel mean of each subtype map must agree with the slice's label "
+        "(see mil_seg_loss)",
+    )
+    data.add_argument(
         "--domain-augment", action=argparse.BooleanOptionalAction, default=True,
         help="resolution, slice-thickness, noise-texture, streak and window jitter "
         "(inference.train.domain_augment)",
@@ -135,6 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--input-size", type=int, default=128, help="working matrix (pixels)")
     net.add_argument("--base-width", type=int, default=16)
     net.add_argument("--depth", type=int, default=3)
+    net.add_argument(
+        "--cls-pool", choices=["global", "head"], default=None,
+        help="what the class head pools: the whole matrix or the head only (default: as "
+        "the --init weights, else global); fine-tuning may change it",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs/ichnode-ich.pt"), help="weights")
     out.add_argument("--checkpoint-dir", type=Path, default=Path("runs/train"))
@@ -753,6 +765,28 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -
     return bce + (1.0 - dice[present]).mean()
 
 
+def mil_seg_loss(
+    logits: torch.Tensor, labels: torch.Tensor, unknown: torch.Tensor
+) -> torch.Tensor:
+    """Multiple-instance loss of the mask head on slices whose masks are not known.
+
+    A slice labelled with a subtype holds at least one blob of it somewhere; a
+    slice labelled without it holds none. The strongest 4 x 4-pixel patch of
+    each subtype map (mean logit) stands for the slice and is held to the
+    slice's label by BCE. ``logits`` (B, 5, H, W), ``labels`` (B, 5) in
+    ``SUBTYPES`` order, ``unknown`` (B,) 1 where the sample's mask is unknown
+    (those with masks are taught pixel by pixel by :func:`seg_loss`).
+    """
+    import torch.nn.functional as F
+
+    w = unknown.to(logits.dtype)
+    if float(w.sum()) == 0:
+        return logits.sum() * 0.0
+    patch = F.avg_pool2d(logits, 4, ceil_mode=True).amax(dim=(2, 3))  # (B, 5)
+    bce = F.binary_cross_entropy_with_logits(patch, labels.to(patch.dtype), reduction="none")
+    return (bce.mean(dim=1) * w).sum() / w.sum()
+
+
 def lse_pool(logits: torch.Tensor, r: float = 5.0) -> torch.Tensor:
     """Log-sum-exp pooling of (z, 6) slice logits to (6,) series logits (a smooth max)."""
     import torch
@@ -797,11 +831,15 @@ def train(args: argparse.Namespace) -> Path:
         depth=args.depth,
         input_size=args.input_size,
         neighbours=1,
+        cls_pool=args.cls_pool or "global",
     )
     model = HemorrhageNet(config)
     if args.init:
         ckpt, _ = read_weights(args.init)
         init_config = ModelConfig.from_dict(dict(ckpt["model_config"]))
+        if args.cls_pool:
+            # The pooling has no weights of its own: the init's weights fit either.
+            init_config = dataclasses.replace(init_config, cls_pool=args.cls_pool)
         if init_config != config:
             config = init_config
             model = HemorrhageNet(config)
@@ -884,6 +922,10 @@ def train(args: argparse.Namespace) -> Path:
             )
             if seg is not None:
                 loss = loss + seg_loss(out["seg"].float(), seg.to(device), has_seg.to(device))
+            if args.seg_mil:
+                loss = loss + mil_seg_loss(
+                    out["seg"].float(), cls[:, 1:].to(device), 1.0 - has_seg.to(device)
+                )
         else:
             case = list(cache)[int(rng.integers(len(cache)))]
             z = case.hu.shape[0]
@@ -991,6 +1033,8 @@ def finish(
     # The recipe's switches that change what the network learns are in the name, so
     # two weights files of one data set, seed and length are told apart.
     recipe = ".mn" if getattr(args, "matched_negatives", False) else ""
+    recipe += ".mil" if getattr(args, "seg_mil", False) else ""
+    recipe += ".hp" if config.cls_pool == "head" else ""
     version = args.version or f"{ICHNODE_VERSION}+{args.data}.s{args.seed}.{args.steps}{recipe}"
     training = {
         "command": started_with,
@@ -1004,6 +1048,8 @@ def finish(
         "torch": str(torch.__version__),
         "matched_negatives": bool(getattr(args, "matched_negatives", False)),
         "domain_augment": bool(getattr(args, "domain_augment", True)),
+        "seg_mil": bool(getattr(args, "seg_mil", False)),
+        "cls_pool": config.cls_pool,
     }
     if args.resume:
         training["resumed_with"] = command

@@ -15,7 +15,16 @@ import torch
 from inference.datasets import phantom_case
 from inference.findings import CLASSES
 from inference.predictor import Predictor, read_weights
-from inference.train import augment, lr_at, lse_pool, sample_slices, seg_loss, to_train_case, train
+from inference.train import (
+    augment,
+    lr_at,
+    lse_pool,
+    mil_seg_loss,
+    sample_slices,
+    seg_loss,
+    to_train_case,
+    train,
+)
 from node.cli import build_parser
 
 
@@ -278,3 +287,34 @@ def test_matched_negatives_are_drawn_at_the_height_of_blood() -> None:
                 heights[matched].append(k / (z - 1))
     near = {m: np.mean(np.abs(np.array(h) - 0.7) <= 0.06) for m, h in heights.items()}
     assert near[True] > 0.9 and near[False] < 0.5
+
+
+def test_mil_loss_teaches_masks_from_slice_labels_only_where_masks_are_unknown() -> None:
+    labels = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]] * 2)  # intraventricular on both
+    quiet = torch.full((2, 5, 32, 32), -6.0)
+    blob = quiet.clone()
+    blob[:, 1, 8:12, 20:24] = 6.0  # one 4x4 patch of the labelled subtype
+    unknown = torch.tensor([1.0, 1.0])
+    # a map with a blob where the label says blood costs little, one without costs much
+    assert float(mil_seg_loss(blob, labels, unknown)) < 0.01
+    assert float(mil_seg_loss(quiet, labels, unknown)) > 1.0
+    # a blob of a subtype the slice is labelled without costs as much
+    wrong = quiet.clone()
+    wrong[:, 3, 10:14, 20:24] = 6.0
+    assert float(mil_seg_loss(wrong, labels, unknown)) > 1.0
+    # samples whose masks are known are left to the pixel loss
+    assert float(mil_seg_loss(quiet, labels, torch.zeros(2))) == 0.0
+    mixed = torch.stack([blob[0], quiet[1]])
+    assert float(mil_seg_loss(mixed, labels, torch.tensor([1.0, 0.0]))) < 0.01
+    # it has a gradient towards the labelled subtype's strongest patch
+    logits = quiet.clone().requires_grad_(True)
+    mil_seg_loss(logits, labels, unknown).backward()
+    assert logits.grad is not None and float(logits.grad[:, 1].min()) < 0.0
+
+
+def test_recipe_switches_are_recorded_and_named(tmp_path: Path) -> None:
+    path = train(_args(tmp_path, "--steps", "2", "--seg-mil", "--cls-pool", "head"))
+    predictor = Predictor(path, device="cpu")
+    assert predictor.training["seg_mil"] is True
+    assert predictor.training["cls_pool"] == "head" and predictor.config.cls_pool == "head"
+    assert predictor.model_version.endswith(".2.mil.hp")
