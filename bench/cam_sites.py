@@ -28,19 +28,10 @@ from typing import Any
 
 import numpy as np
 
-BONE_HU = 300.0
+from bench.inner_table import BONE_HU, enclosed_by_bone
+
 AIR_HU = -200.0
 SITES = ("air", "outside skull", "bone", "intracranial")
-
-
-def enclosed_by_bone(bone: np.ndarray) -> np.ndarray:
-    """(y, x) bool: pixels with bone somewhere left, right, above and below them."""
-    b = bone.astype(np.uint8)
-    inside = np.ones_like(bone, dtype=bool)
-    for axis in (0, 1):
-        inside &= np.maximum.accumulate(b, axis=axis).astype(bool)
-        inside &= np.flip(np.maximum.accumulate(np.flip(b, axis), axis=axis), axis).astype(bool)
-    return inside
 
 
 def site_shares(hu: np.ndarray, cam: np.ndarray) -> dict[str, float]:

@@ -30,6 +30,16 @@ BANDS_MM = ((0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 5.0), (5.0, 10.0))
 WORK = 256
 
 
+def enclosed_by_bone(bone: np.ndarray) -> np.ndarray:
+    """(..., y, x) bool: pixels with bone somewhere left, right, above and below them."""
+    b = bone.astype(np.uint8)
+    inside = np.ones_like(bone, dtype=bool)
+    for axis in (-2, -1):
+        inside &= np.maximum.accumulate(b, axis=axis).astype(bool)
+        inside &= np.flip(np.maximum.accumulate(np.flip(b, axis), axis=axis), axis).astype(bool)
+    return inside
+
+
 def _distance_inside(hu: np.ndarray, pixel_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """(z, S, S) HU at the working matrix to (intracranial mask, distance to bone in mm).
 
@@ -42,13 +52,7 @@ def _distance_inside(hu: np.ndarray, pixel_mm: float) -> tuple[np.ndarray, np.nd
     t = torch.from_numpy(hu.astype(np.float32))[:, None]
     bone = t >= BONE_HU
     free = ~bone
-    # Enclosed: bone somewhere to the left, right, front and back of the pixel.
-    b = bone[:, 0].to(torch.uint8)
-    enclosed = torch.ones_like(bone[:, 0])
-    for dim in (1, 2):
-        enclosed &= torch.cummax(b, dim=dim).values.bool()
-        enclosed &= torch.cummax(b.flip(dim), dim=dim).values.flip(dim).bool()
-    outside = ~enclosed[:, None]
+    outside = ~torch.from_numpy(enclosed_by_bone(bone[:, 0].numpy()))[:, None]
     inside = free & ~outside & (t > -50) & (t < 200)
     dist = torch.full_like(t, 1e9)
     front = bone.clone()

@@ -36,9 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: How the class head pools the bottleneck (``ModelConfig.cls_pool``).
 CLS_POOLS = ("global", "head")
-#: A pixel belongs to the head when it is denser than this (HU): above the
-#: lower end of the bone window, so scalp, fat and bone count, air does not.
-HEAD_HU = -800.0
 
 
 @dataclass(frozen=True)
@@ -129,9 +126,9 @@ class HemorrhageNet(nn.Module):
     def head_cells(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """(N, 1, h, w) bool: bottleneck cells over any head pixel of the centre slice.
 
-        The input's centre-slice bone window is above 0 exactly where the HU is
-        above ``HEAD_HU`` (the window's lower end); a cell counts when any input
-        pixel under it does.
+        A pixel is head where the input's centre-slice bone window is above 0,
+        that is denser than the window's lower end (-800 HU: scalp, fat and bone
+        count, air does not); a cell counts when any input pixel under it does.
         """
         from inference.windows import WINDOW_PRESETS, WINDOWS
 
